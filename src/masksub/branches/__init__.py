@@ -1,0 +1,78 @@
+"""Sub-branches per model family, and ``sub_branch``: the context that makes ``model(x)`` one.
+
+Import order sets detection priority (last registered is tried first): the pixel fallback
+for any CNN is tried last, a model with its own ``mask_ratio`` argument first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from torch import nn
+
+from ..errors import MaskSubError
+from . import pixel  # noqa: F401  (registration order matters)
+from . import vit  # noqa: F401
+from . import mask_token  # noqa: F401
+from . import text  # noqa: F401
+from . import custom  # noqa: F401
+from .base import (
+    MODES,
+    Family,
+    detect_family,
+    family_names,
+    get_family,
+    register_family,
+    resolve_ratio,
+    unwrap,
+)
+from .drop import DropSub, PathSub
+
+__all__ = [
+    "MODES", "Family", "DropSub", "PathSub", "build_branch", "detect_family", "family_names",
+    "get_family", "register_family", "sub_branch", "prepare",
+]
+
+
+def build_branch(model: nn.Module, mode: str = "mask", family: str | None = None, **options: Any) -> Family:
+    """The family adapter for ``model`` and ``mode``; explicit ``family=`` overrides detection."""
+    if mode not in MODES:
+        raise MaskSubError(f"mode must be one of {MODES}, got {mode!r}")
+    inner = unwrap(model)
+    if mode == "dropout":
+        cls: type[Family] = DropSub
+    elif mode == "droppath":
+        cls = PathSub
+    elif "mask_fn" in options:
+        cls = get_family("custom")
+    elif family is not None:
+        cls = get_family(family)
+    else:
+        cls = detect_family(inner)
+    if mode not in cls.modes:
+        raise MaskSubError(f"family {cls.name!r} does not support mode {mode!r}; it supports {cls.modes}")
+    return cls(**options)
+
+
+def prepare(model: nn.Module, mode: str = "mask", family: str | None = None, **options: Any) -> Family:
+    """Add what the sub-branch needs to ``model`` (a mask token) before the optimizer is built."""
+    branch = build_branch(model, mode, family, **options)
+    branch.prepare(unwrap(model))
+    return branch
+
+
+@contextlib.contextmanager
+def sub_branch(model: nn.Module, mode: str = "mask", ratio: float | None = None,
+               family: str | Family | None = None, **family_options: Any) -> Iterator[nn.Module]:
+    """Inside the context ``model(x)`` is the sub-branch; the model is restored on exit.
+
+    ``ratio`` is the one strength knob: mask ratio (``mask``), p_sub (``dropout``), drop-path
+    increase (``droppath``); ``None`` takes the paper's value for the family.
+    """
+    branch = family if isinstance(family, Family) else build_branch(model, mode, family, **family_options)
+    r = resolve_ratio(mode, ratio, type(branch))
+    inner = unwrap(model)
+    with branch.apply(inner, r):
+        yield model

@@ -1,0 +1,73 @@
+"""Pixel masking for any image model (ResNet, ConvNeXt, a user's CNN): zeroed square patches.
+
+A forward pre-hook on the model zeroes ``round(ratio * n)`` of the n ``patch_size`` squares of
+every image, so a CNN needs no change at all. The sub forward costs one main forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..errors import MaskSubError
+from .base import Family, forward_pre_hook, register_family
+from .masks import random_mask
+
+
+def mask_pixels(x: Tensor, ratio: float, patch_size: int) -> Tensor:
+    """Zero ``round(ratio * n)`` of the ``patch_size`` x ``patch_size`` squares of each image."""
+    b, _, h, w = x.shape
+    gh, gw = h // patch_size, w // patch_size
+    m = random_mask(b, gh * gw, ratio, x.device).view(b, 1, gh, 1, gw, 1)
+    m = m.expand(-1, -1, -1, patch_size, -1, patch_size).reshape(b, 1, h, w)
+    return x.masked_fill(m, 0)
+
+
+@register_family
+class PixelMask(Family):
+    """Any model with a ``Conv2d`` taking NCHW images. Option: ``patch_size`` (default 32)."""
+
+    name = "pixel"
+
+    def __init__(self, patch_size: int = 32, **options: Any) -> None:
+        super().__init__(**options)
+        if not isinstance(patch_size, int) or patch_size < 1:
+            raise MaskSubError(f"patch_size must be a positive int, got {patch_size!r}")
+        self.patch_size = patch_size
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+    def validate(self, model: nn.Module, x: Any) -> None:
+        if not isinstance(x, Tensor) or x.ndim != 4:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise MaskSubError(f"pixel masking takes NCHW image batches, got {shape}; pass mask_fn= for other inputs")
+        h, w = x.shape[-2:]
+        p = self.patch_size
+        if h % p or w % p:
+            raise MaskSubError(
+                f"image size {h}x{w} is not divisible by the mask patch_size {p}; "
+                f"pick a patch_size that divides both (e.g. {_divisor_hint(h, w)}) or resize the images"
+            )
+
+    @contextlib.contextmanager
+    def apply(self, model: nn.Module, ratio: float) -> Iterator[None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+            return (mask_pixels(args[0], ratio, self.patch_size), *args[1:]), kwargs
+
+        with forward_pre_hook(model, hook):
+            yield
+
+
+def _divisor_hint(h: int, w: int) -> int:
+    import math
+
+    g = math.gcd(h, w)
+    for d in (32, 16, 14, 8, 7, 4, 2):
+        if g % d == 0:
+            return d
+    return 1

@@ -1,0 +1,76 @@
+"""Hugging Face text models (BERT and kin): 15% of real tokens replaced by [MASK].
+
+A forward pre-hook rewrites ``input_ids`` for the sub forward; special tokens ([CLS], [SEP],
+...) and padding (``attention_mask == 0``) are never masked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import MaskSubError
+from .base import Family, forward_pre_hook, register_family
+from .masks import random_mask_among
+
+
+@register_family
+class TextMask(Family):
+    """Options: ``tokenizer=`` (a Hugging Face tokenizer) or ``mask_token_id=`` with
+    ``special_token_ids=`` (and ``pad_token_id=``)."""
+
+    name = "text"
+    default_ratio = 0.15
+
+    def __init__(self, tokenizer: Any = None, mask_token_id: int | None = None,
+                 special_token_ids: Iterable[int] | None = None, pad_token_id: int | None = None,
+                 **options: Any) -> None:
+        super().__init__(**options)
+        if tokenizer is not None:
+            mask_token_id = tokenizer.mask_token_id if mask_token_id is None else mask_token_id
+            if special_token_ids is None:
+                special_token_ids = tokenizer.all_special_ids
+            pad_token_id = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
+        if mask_token_id is None:
+            raise MaskSubError(
+                "the text sub-branch needs the [MASK] id: pass tokenizer=your_tokenizer, or "
+                "mask_token_id=... and special_token_ids=[...]"
+            )
+        self.mask_token_id = int(mask_token_id)
+        ids = set(int(i) for i in (special_token_ids or ()))
+        if pad_token_id is not None:
+            ids.add(int(pad_token_id))
+        ids.add(self.mask_token_id)
+        self.special_ids = torch.tensor(sorted(ids), dtype=torch.long)
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return type(model).__module__.startswith("transformers.") and hasattr(getattr(model, "config", None), "vocab_size")
+
+    def validate(self, model: nn.Module, x: Any) -> None:
+        if not (isinstance(x, dict) or hasattr(x, "keys")) or "input_ids" not in x:
+            raise MaskSubError(f"the text sub-branch takes a dict batch with 'input_ids', got {type(x).__name__}")
+
+    def mask(self, input_ids: Tensor, attention_mask: Tensor | None, ratio: float) -> Tensor:
+        eligible = ~torch.isin(input_ids, self.special_ids.to(input_ids.device))
+        if attention_mask is not None:
+            eligible &= attention_mask.bool()
+        m = random_mask_among(eligible, ratio)
+        return input_ids.masked_fill(m, self.mask_token_id)
+
+    @contextlib.contextmanager
+    def apply(self, model: nn.Module, ratio: float) -> Iterator[None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+            if "input_ids" in kwargs:
+                kwargs = dict(kwargs)
+                kwargs["input_ids"] = self.mask(kwargs["input_ids"], kwargs.get("attention_mask"), ratio)
+            elif args:
+                args = (self.mask(args[0], kwargs.get("attention_mask"), ratio), *args[1:])
+            return args, kwargs
+
+        with forward_pre_hook(model, hook):
+            yield

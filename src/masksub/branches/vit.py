@@ -1,0 +1,59 @@
+"""ViT token removal (MAE style), through timm's own ``patch_drop`` slot.
+
+timm's VisionTransformer calls ``self.patch_drop(x)`` right after position embedding, with
+the prefix tokens (class, registers) first. For the sub forward that slot holds a
+``TokenRemoval`` that keeps the prefix and a random ``1 - ratio`` of the patch tokens, so the
+blocks run on about half the tokens: the sub-branch costs about half a main forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .base import Family, register_family
+from .masks import masked_count
+
+
+class TokenRemoval(nn.Module):
+    """Keep the prefix tokens and ``L - round(ratio * L)`` random patch tokens per image."""
+
+    def __init__(self, ratio: float, num_prefix_tokens: int = 1) -> None:
+        super().__init__()
+        self.ratio = ratio
+        self.num_prefix_tokens = num_prefix_tokens
+
+    def forward(self, x: Tensor) -> Tensor:
+        p = self.num_prefix_tokens
+        prefix, tokens = x[:, :p], x[:, p:]
+        b, n, d = tokens.shape
+        keep = n - masked_count(n, self.ratio)
+        if keep >= n:
+            return x
+        # topk of uniform noise = a uniform random subset, cheaper than a full argsort.
+        idx = torch.rand(b, n, device=x.device).topk(keep, dim=1, sorted=False).indices
+        kept = torch.gather(tokens, 1, idx.unsqueeze(-1).expand(-1, -1, d))
+        return torch.cat([prefix, kept], dim=1) if p else kept
+
+
+@register_family
+class ViTTokenRemoval(Family):
+    """timm ``VisionTransformer`` and subclasses (DeiT-III, MAE / CLIP finetune): drop tokens."""
+
+    name = "vit"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return hasattr(model, "patch_drop") and hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens")
+
+    @contextlib.contextmanager
+    def apply(self, model: nn.Module, ratio: float) -> Iterator[None]:
+        old = model.patch_drop
+        model.patch_drop = TokenRemoval(ratio, int(model.num_prefix_tokens))
+        try:
+            yield
+        finally:
+            model.patch_drop = old

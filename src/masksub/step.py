@@ -1,0 +1,216 @@
+"""``MaskSub``: one training step with a main and a sub branch, in the user's own loop.
+
+Order ``memory`` (default): forward+backward of the main branch first, so its activations are
+freed before the sub forward; peak memory stays that of standard training. Under DDP that
+first backward runs in ``no_sync()``: gradients are all-reduced once per step. Order
+``fused``: one backward on the summed loss (more memory, sometimes faster). Clipping, loss
+scaling and the optimizer step stay with the caller, once, on the summed gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .branches import Family, build_branch, resolve_ratio, unwrap
+from .errors import MaskSubError
+from .loss import KINDS, relaxed_loss
+
+ORDERS = ("memory", "fused")
+
+
+@dataclass
+class StepOutput:
+    """What one step produced. Losses are detached 0-d tensors *before* the 1/2 weights,
+    so logging them costs no host sync until the caller asks for ``float()``."""
+
+    main_logits: Tensor
+    loss_main: Tensor
+    loss_sub: Tensor | None = None
+    sub_logits: Tensor | None = None
+    loss: Tensor | None = None
+    grad_norm_main: Tensor | None = None
+    grad_norm_sub: Tensor | None = None
+
+
+def default_forward(model: nn.Module, x: Any) -> Tensor:
+    """Call the model the way its input says (dict -> keywords) and find the logits."""
+    out = model(**x) if isinstance(x, Mapping) else model(x)
+    return logits_of(out)
+
+
+def logits_of(out: Any) -> Tensor:
+    if isinstance(out, Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    raise MaskSubError(
+        f"cannot find logits in the model output ({type(out).__name__}); pass forward_fn=fn(model, x) -> logits"
+    )
+
+
+def _grads(params: list[nn.Parameter]) -> list[Tensor | None]:
+    return [None if p.grad is None else p.grad.detach().clone() for p in params]
+
+
+def _norm_of_diff(params: list[nn.Parameter], before: list[Tensor | None], scale: float) -> Tensor:
+    parts = []
+    for p, b in zip(params, before):
+        if p.grad is None:
+            continue
+        g = p.grad.detach() if b is None else p.grad.detach() - b
+        parts.append(g.float().pow(2).sum())
+    if not parts:
+        return torch.zeros(())
+    return torch.stack(parts).sum().sqrt() / scale
+
+
+class MaskSub:
+    """Add a masked sub-branch to any supervised step.
+
+    >>> ms = MaskSub(model, mode="mask", ratio=0.5)      # before the optimizer
+    >>> out = ms.backward(x, y, criterion)                 # grads of (loss1 + loss2) / 2 summed
+    >>> optimizer.step()
+
+    ``ratio=None`` takes the paper's value (mask 0.5, text 0.15, dropout 0.2, drop-path +0.1).
+    ``mode=None`` (or ``"none"``) turns the sub-branch off: a plain step, for baselines.
+    ``amp_dtype`` runs both forwards under autocast (backward outside it).
+    """
+
+    def __init__(self, model: nn.Module, mode: str | None = "mask", ratio: float | None = None, *,
+                 family: str | None = None, order: str = "memory", kind: str = "softmax",
+                 main_weight: float = 0.5, sub_weight: float = 0.5,
+                 forward_fn: Callable[[nn.Module, Any], Tensor] | None = None,
+                 amp_dtype: torch.dtype | None = None, **family_options: Any) -> None:
+        if not isinstance(model, nn.Module):
+            raise MaskSubError(f"MaskSub takes an nn.Module, got {type(model).__name__}")
+        if order not in ORDERS:
+            raise MaskSubError(f"order must be one of {ORDERS}, got {order!r}")
+        if kind not in KINDS:
+            raise MaskSubError(f"kind must be one of {KINDS}, got {kind!r} (sigmoid for BCE recipes)")
+        for name, w in (("main_weight", main_weight), ("sub_weight", sub_weight)):
+            if not isinstance(w, (int, float)) or w < 0:
+                raise MaskSubError(f"{name} must be a non-negative number, got {w!r}")
+        self.model = model
+        self.mode = None if mode in (None, "none") else mode
+        self.order = order
+        self.kind = kind
+        self.main_weight = float(main_weight)
+        self.sub_weight = float(sub_weight)
+        self.forward_fn = forward_fn or default_forward
+        self.amp_dtype = amp_dtype
+        self.branch: Family | None = None
+        self.ratio = 0.0
+        if self.mode is not None:
+            self.branch = build_branch(model, self.mode, family, **family_options)
+            self.ratio = resolve_ratio(self.mode, ratio, type(self.branch))
+            self.branch.prepare(unwrap(model))
+        elif family_options or ratio:
+            raise MaskSubError("mode is off ('none'): ratio and family options have no effect; set mode='mask'")
+        self._validated = False
+
+    # -- pieces a custom loop can use on its own -------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        device = next(self.model.parameters()).device.type
+        return torch.autocast(device_type=device, dtype=self.amp_dtype)
+
+    @contextlib.contextmanager
+    def sub(self) -> Iterator[nn.Module]:
+        """Inside, ``self.model(x)`` is the sub-branch."""
+        if self.branch is None:
+            raise MaskSubError("the sub-branch is off (mode='none')")
+        with self.branch.apply(unwrap(self.model), self.ratio):
+            yield self.model
+
+    def forward_main(self, x: Any) -> Tensor:
+        with self._autocast():
+            return self.forward_fn(self.model, x)
+
+    def forward_sub(self, x: Any) -> Tensor:
+        with self._autocast(), self.sub():
+            return self.forward_fn(self.model, x)
+
+    def validate(self, x: Any) -> None:
+        if self.branch is not None:
+            self.branch.validate(unwrap(self.model), x)
+
+    # -- the step ---------------------------------------------------------------------------
+    def backward(self, x: Any, y: Any, criterion: Callable[[Tensor, Any], Tensor], *,
+                 scaler: torch.amp.GradScaler | None = None, grad_norms: bool = False,
+                 sync: bool = True, loss_scale: float = 1.0) -> StepOutput:
+        """Main and sub forward + backward; the gradients of both losses end summed in ``.grad``.
+
+        ``sync=False`` keeps DDP from all-reducing (gradient accumulation, not the last
+        micro-batch); ``loss_scale`` multiplies both losses (e.g. 1 / accumulation steps).
+        """
+        if not self._validated:
+            self.validate(x)
+            self._validated = True
+        model = self.model
+        is_ddp = hasattr(model, "no_sync") and hasattr(model, "require_backward_grad_sync")
+        no_sync = model.no_sync if is_ddp else contextlib.nullcontext
+        scale = float(scaler.get_scale()) if (grad_norms and scaler is not None and scaler.is_enabled()) else 1.0
+        params = [p for p in model.parameters() if p.requires_grad] if grad_norms else []
+
+        def _bw(loss: Tensor) -> None:
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+
+        def _main_loss(logits: Tensor) -> Tensor:
+            loss = criterion(logits, y)
+            if not isinstance(loss, Tensor) or loss.ndim != 0:
+                shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+                raise MaskSubError(
+                    f"the criterion must return a scalar loss, got {shape}; use reduction='mean'"
+                )
+            return loss
+
+        if self.branch is None:  # plain step
+            with no_sync() if not sync else contextlib.nullcontext():
+                main = self.forward_main(x)
+                loss_main = _main_loss(main)
+                before = _grads(params) if grad_norms else None
+                _bw(loss_main * loss_scale)
+            out = StepOutput(main.detach(), loss_main.detach(), loss=loss_main.detach())
+            if grad_norms:
+                out.grad_norm_main = _norm_of_diff(params, before, scale)
+            return out
+
+        wm, ws = self.main_weight * loss_scale, self.sub_weight * loss_scale
+        if self.order == "memory":
+            with no_sync() if is_ddp else contextlib.nullcontext():
+                main = self.forward_main(x)
+                loss_main = _main_loss(main)
+                before = _grads(params) if grad_norms else None
+                _bw(loss_main * wm)
+            main = main.detach()
+            mid = _grads(params) if grad_norms else None
+            with no_sync() if not sync else contextlib.nullcontext():
+                sub = self.forward_sub(x)
+                loss_sub = relaxed_loss(sub, main, self.kind)
+                _bw(loss_sub * ws)
+            out = StepOutput(main, loss_main.detach(), loss_sub.detach(), sub.detach())
+            if grad_norms:
+                out.grad_norm_main = _norm_of_diff(params, before, scale)
+                out.grad_norm_sub = _norm_of_diff(params, mid, scale)
+        else:
+            if grad_norms:
+                raise MaskSubError("grad_norms=True needs order='memory' (the fused order has one backward)")
+            with no_sync() if not sync else contextlib.nullcontext():
+                main = self.forward_main(x)
+                loss_main = _main_loss(main)
+                sub = self.forward_sub(x)
+                loss_sub = relaxed_loss(sub, main, self.kind)
+                _bw(loss_main * wm + loss_sub * ws)
+            out = StepOutput(main.detach(), loss_main.detach(), loss_sub.detach(), sub.detach())
+        out.loss = out.loss_main * self.main_weight + out.loss_sub * self.sub_weight
+        return out

@@ -63,7 +63,7 @@ def _grads(params: list[nn.Parameter]) -> list[Tensor | None]:
 
 def _norm_of_diff(params: list[nn.Parameter], before: list[Tensor | None], scale: float) -> Tensor:
     parts = []
-    for p, b in zip(params, before):
+    for p, b in zip(params, before, strict=True):
         if p.grad is None:
             continue
         g = p.grad.detach() if b is None else p.grad.detach() - b

@@ -1,7 +1,6 @@
 """Sub-branches per model family, and ``sub_branch``: the context that makes ``model(x)`` one.
 
-Import order sets detection priority (last registered is tried first): the pixel fallback
-for any CNN is tried last, a model with its own ``mask_ratio`` argument first.
+Families are tried in a fixed order; ``family=`` overrides, ``register_family`` adds one.
 """
 
 from __future__ import annotations
@@ -13,11 +12,6 @@ from typing import Any
 from torch import nn
 
 from ..errors import MaskSubError
-from . import pixel  # noqa: F401  (registration order matters)
-from . import vit  # noqa: F401
-from . import mask_token  # noqa: F401
-from . import text  # noqa: F401
-from . import custom  # noqa: F401
 from .base import (
     MODES,
     Family,
@@ -28,7 +22,17 @@ from .base import (
     resolve_ratio,
     unwrap,
 )
+from .custom import CustomMask
 from .drop import DropSub, PathSub
+from .mask_token import BeitMaskToken, MaskTokenFamily, SwinMaskToken
+from .pixel import PixelMask
+from .text import TextMask
+from .vit import ViTTokenRemoval
+
+# Detection tries the last registered first: the CNN pixel fallback last, a model with its own
+# mask_ratio argument first.
+for _cls in (PixelMask, ViTTokenRemoval, MaskTokenFamily, BeitMaskToken, SwinMaskToken, TextMask, CustomMask):
+    register_family(_cls)
 
 __all__ = [
     "MODES", "Family", "DropSub", "PathSub", "build_branch", "detect_family", "family_names",

@@ -10,10 +10,9 @@ from typing import Any
 from torch import nn
 
 from ..errors import MaskSubError
-from .base import Family, forward_pre_hook, register_family
+from .base import Family, forward_pre_hook
 
 
-@register_family
 class CustomMask(Family):
     """``mask_fn(model, x, ratio) -> x_masked`` applied to the input, or, without one, the
     model's own ``mask_ratio`` forward argument (``ratio_arg=`` names another)."""

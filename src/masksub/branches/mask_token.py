@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import MaskSubError
-from .base import Family, register_family
+from .base import Family
 from .masks import block_mask, random_mask
 
 TOKEN_NAME = "masksub_mask_token"
@@ -144,10 +144,8 @@ class MaskTokenFamily(Family):
             handle.remove()
 
 
-register_family(MaskTokenFamily)
 
 
-@register_family
 class BeitMaskToken(MaskTokenFamily):
     """timm ``Beit`` (BEiT v2 finetuning): mask token, random (or ``block=True``) masking."""
 
@@ -158,7 +156,6 @@ class BeitMaskToken(MaskTokenFamily):
         return type(model).__name__ == "Beit" and hasattr(model, "patch_embed")
 
 
-@register_family
 class SwinMaskToken(MaskTokenFamily):
     """timm ``SwinTransformer`` (and V2): mask token on 32x32-pixel regions."""
 

@@ -13,7 +13,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..errors import MaskSubError
-from .base import Family, forward_pre_hook, register_family
+from .base import Family, forward_pre_hook
 from .masks import random_mask
 
 
@@ -26,7 +26,6 @@ def mask_pixels(x: Tensor, ratio: float, patch_size: int) -> Tensor:
     return x.masked_fill(m, 0)
 
 
-@register_family
 class PixelMask(Family):
     """Any model with a ``Conv2d`` taking NCHW images. Option: ``patch_size`` (default 32)."""
 

@@ -14,11 +14,10 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import MaskSubError
-from .base import Family, forward_pre_hook, register_family
+from .base import Family, forward_pre_hook
 from .masks import random_mask_among
 
 
-@register_family
 class TextMask(Family):
     """Options: ``tokenizer=`` (a Hugging Face tokenizer) or ``mask_token_id=`` with
     ``special_token_ids=`` (and ``pad_token_id=``)."""

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from .base import Family, register_family
+from .base import Family
 from .masks import masked_count
 
 
@@ -39,7 +39,6 @@ class TokenRemoval(nn.Module):
         return torch.cat([prefix, kept], dim=1) if p else kept
 
 
-@register_family
 class ViTTokenRemoval(Family):
     """timm ``VisionTransformer`` and subclasses (DeiT-III, MAE / CLIP finetune): drop tokens."""
 

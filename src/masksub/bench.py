@@ -1,0 +1,386 @@
+"""``masksub bench``: the cost of a MaskSub step beside a plain step, measured in one run.
+
+Every setting gets a fresh copy of the same initial model, the same random batch, fused
+AdamW and bf16 autocast (GPU). A step is timed from the first forward to the optimizer step
+with CUDA events (no host sync inside the timed steps), after warm-up steps (compilation
+happens there); the row holds the median. Peak memory is ``max_memory_allocated`` over the
+timed steps. FLOPs are counted with torch's ``FlopCounterMode`` on the same work, eagerly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import gc
+import json
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .bench_steps import GPU_MODELS, MODELS, TINY_MODELS, VARIANTS, Step, build_model, make_step
+from .errors import MaskSubError
+from .flops import count_flops, device_name, mfu, peak_tflops
+
+MODES = ("mask", "dropout", "droppath")
+ORDERS = ("memory", "fused")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+# The issue's goals: (model, mode, what, limit). Time goals are the MaskSub memory-order step
+# over the standard step, eager; memory goals the same row's peak memory ratio.
+GOALS: list[tuple[str, str, float]] = [
+    ("vit_b", "time", 1.50), ("vit_s", "time", 1.52), ("vit_l", "time", 1.50),
+    ("resnet50", "time", 1.98), ("swin_t", "time", 1.98),
+    *[(m, "memory", 1.02) for m in GPU_MODELS],
+    *[(m, "off", 1.02) for m in GPU_MODELS],
+]
+
+
+@dataclass(frozen=True)
+class Setting:
+    model: str
+    variant: str
+    mode: str | None = None
+    order: str | None = None
+    compile: bool = False
+
+    @property
+    def label(self) -> str:
+        parts = [self.variant]
+        if self.variant == "masksub":
+            parts += [self.mode or "", self.order or ""]
+        elif self.variant == "paper":
+            parts += [self.mode or "mask", "two-backward"]
+        return " ".join(parts)
+
+
+def _csv(choices: tuple[str, ...] | None = None) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if choices is not None:
+            bad = [t for t in items if t not in choices]
+            if bad:
+                raise argparse.ArgumentTypeError(f"unknown {bad}; pick from {', '.join(choices)}")
+        return items
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "Without --models/--modes/--orders/--variants/--compile it runs the default plan: on a GPU "
+        "every model eager in mask mode (standard, off, paper, both orders), ViT-B/16 compiled "
+        "and ViT-B/16 in dropout and droppath; on CPU the same plan on tiny models."
+    )
+    parser.add_argument("--models", type=_csv(tuple(MODELS)), default=None,
+                        help=f"comma list from {', '.join(MODELS)}")
+    parser.add_argument("--modes", type=_csv(MODES), default=None, help="comma list of mask,dropout,droppath")
+    parser.add_argument("--orders", type=_csv(ORDERS), default=None, help="comma list of memory,fused")
+    parser.add_argument("--variants", type=_csv(VARIANTS), default=None,
+                        help="comma list of standard,off,paper,masksub (default: all)")
+    parser.add_argument("--compile", nargs="?", const="on", choices=("off", "on", "both"), default=None,
+                        help="torch.compile the model: on, off or both (flag alone: on)")
+    parser.add_argument("--batch", type=str, default=None,
+                        help="batch for every model (e.g. 64) or per model (vit_b=128,vit_l=32)")
+    parser.add_argument("--ratio", type=float, default=None, help="sub-branch strength (default: the paper's)")
+    parser.add_argument("--drop-path", type=float, default=0.1, help="model drop-path rate (default 0.1)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (GPU 30, CPU 3)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (GPU 8, CPU 1)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="autocast dtype (GPU bf16, CPU fp32)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there is one)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="peak FLOP/s for MFU when the GPU is not in masksub.flops.PEAK_BF16_TFLOPS")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for the JSON and table")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+# -- the plan ---------------------------------------------------------------------------------
+def default_plan(models: tuple[str, ...], gpu: bool) -> list[Setting]:
+    plan: list[Setting] = []
+    for m in models:
+        plan += [Setting(m, "standard"), Setting(m, "off"), Setting(m, "paper", "mask")]
+        plan += [Setting(m, "masksub", "mask", o) for o in ORDERS]
+    focus = "vit_b" if gpu else models[0]
+    plan += [Setting(focus, "standard", compile=True), Setting(focus, "off", compile=True),
+             Setting(focus, "paper", "mask", compile=True)]
+    plan += [Setting(focus, "masksub", "mask", o, compile=True) for o in ORDERS]
+    plan += [Setting(focus, "masksub", md, o) for md in ("dropout", "droppath") for o in ORDERS]
+    return plan
+
+
+def grid_plan(args: argparse.Namespace, models: list[str]) -> list[Setting]:
+    modes = args.modes or ["mask"]
+    orders = args.orders or list(ORDERS)
+    variants = args.variants or list(VARIANTS)
+    compiles = {"on": [True], "off": [False], "both": [False, True], None: [False]}[args.compile]
+    plan: list[Setting] = []
+    for m in models:
+        for c in compiles:
+            for v in variants:
+                if v in ("standard", "off"):
+                    plan.append(Setting(m, v, compile=c))
+                elif v == "paper":
+                    if "mask" in modes:
+                        plan.append(Setting(m, v, "mask", compile=c))
+                else:
+                    plan += [Setting(m, v, md, o, c) for md in modes for o in orders]
+    return plan
+
+
+def parse_batches(text: str | None, models: list[str]) -> dict[str, int]:
+    batches = {m: MODELS[m].batch for m in models}
+    if not text:
+        return batches
+    for part in text.split(","):
+        name, _, value = part.rpartition("=")
+        try:
+            b = int(value)
+        except ValueError:
+            raise MaskSubError(f"--batch takes N or MODEL=N[,MODEL=N], got {text!r}") from None
+        if b < 1:
+            raise MaskSubError(f"--batch must be positive, got {b}")
+        if not name:
+            batches = {m: b for m in models}
+        elif name not in batches:
+            raise MaskSubError(f"--batch names {name!r}, which is not among --models {models}")
+        else:
+            batches[name] = b
+    return batches
+
+
+# -- measuring ----------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"].get("unique_graphs", 0))
+
+
+def time_steps(step: Step, device: torch.device, warmup: int, steps: int) -> tuple[list[float], int | None, int]:
+    """Per-step milliseconds, peak bytes during the timed steps (None on CPU), graphs compiled
+    during the timed steps (should be 0: a recompile there means a shape or guard keeps changing)."""
+    for _ in range(warmup):
+        step.run()
+    _sync(device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    g0 = _graphs()
+    times: list[float] = []
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
+        for start, end in events:
+            start.record()
+            step.run()
+            end.record()
+        torch.cuda.synchronize(device)
+        times = [s.elapsed_time(e) for s, e in events]
+        peak = int(torch.cuda.max_memory_allocated(device))
+    else:
+        for _ in range(steps):
+            t = time.perf_counter()
+            step.run()
+            times.append((time.perf_counter() - t) * 1e3)
+        peak = None
+    return times, peak, _graphs() - g0
+
+
+def measure(setting: Setting, base: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+            args: argparse.Namespace, device: torch.device, amp: torch.dtype | None,
+            flop_cache: dict[tuple, dict[str, Any]]) -> dict[str, Any]:
+    if setting.compile:
+        torch._dynamo.reset()  # each compiled setting starts from empty caches, none shares a limit
+    model = copy.deepcopy(base)
+    fused = device.type == "cuda"
+
+    def make_opt(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, fused=fused)
+
+    step = make_step(setting.variant, model, x, y, mode=setting.mode or "mask", order=setting.order or "memory",
+                     ratio=args.ratio, compile=setting.compile, amp_dtype=amp, make_optimizer=make_opt)
+    key = (setting.model, setting.variant, setting.mode, setting.order, x.shape[0])
+    if key not in flop_cache:
+        ac = torch.autocast(device.type, dtype=amp) if amp is not None else torch.autocast(device.type, enabled=False)
+        step_flops = count_flops(step.count)
+        for p in step.params:
+            p.grad = None
+        with torch.no_grad(), ac:
+            main_f = count_flops(step.main)
+            sub_f = count_flops(step.sub) if step.sub is not None else None
+        flop_cache[key] = dict(step_flops=step_flops, main_fwd_flops=main_f, sub_fwd_flops=sub_f)
+    fl = flop_cache[key]
+    graphs0 = _graphs()
+    times, peak, recompiled = time_steps(step, device, args.warmup, args.steps)
+    row: dict[str, Any] = asdict(setting)
+    row.update(
+        label=setting.label, batch=int(x.shape[0]), step_ms=statistics.median(times),
+        step_ms_min=min(times), step_ms_max=max(times), peak_bytes=peak,
+        images_per_s=x.shape[0] / (statistics.median(times) / 1e3),
+        **fl,
+        sub_flop_fraction=(fl["sub_fwd_flops"] / fl["main_fwd_flops"]) if fl["sub_fwd_flops"] else None,
+        graphs=(_graphs() - graphs0) if setting.compile else None,
+        graphs_in_timed_steps=recompiled if setting.compile else None,
+    )
+    if setting.compile and setting.mode == "mask" and setting.order != "fused":
+        row["compiled_sub_differs"] = _compiled_sub_differs(setting, model, x, args.ratio)
+    del step, model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def _compiled_sub_differs(setting: Setting, model: torch.nn.Module, x: torch.Tensor,
+                          ratio: float | None) -> bool:
+    """Under torch.compile, does the sub forward still mask? (Dynamo skips guards on module
+    hooks by default, so a hook added for the sub forward can be silently ignored.)"""
+    from .bench_steps import PaperRecipeModel
+    from .step import MaskSub
+
+    net = copy.deepcopy(model).eval()
+    xs = x[:2]
+    with torch.no_grad():  # backend "eager": the guards are dynamo's, no need to pay inductor
+        if setting.variant == "paper":
+            ref = torch.compile(PaperRecipeModel(net).to(x.device), backend="eager")
+            a, b = ref(xs), ref(xs, mask_ratio=0.5 if ratio is None else ratio)
+        else:
+            ms = MaskSub(torch.compile(net, backend="eager"), mode="mask", ratio=ratio)
+            a, b = ms.forward_main(xs), ms.forward_sub(xs)
+    return not torch.allclose(a.float(), b.float())
+
+
+# -- report -------------------------------------------------------------------------------------
+def add_ratios(rows: list[dict[str, Any]], peak: float | None) -> None:
+    """Time, memory and FLOP ratios to the standard step of the same model, batch and compile."""
+    std = {(r["model"], r["batch"], r["compile"]): r for r in rows if r["variant"] == "standard"}
+    std_eager = {(r["model"], r["batch"]): r for r in rows if r["variant"] == "standard" and not r["compile"]}
+    for r in rows:
+        s = std.get((r["model"], r["batch"], r["compile"])) or std_eager.get((r["model"], r["batch"]))
+        r["time_ratio"] = r["step_ms"] / s["step_ms"] if s else None
+        r["memory_ratio"] = (r["peak_bytes"] / s["peak_bytes"]) if s and r["peak_bytes"] and s["peak_bytes"] else None
+        r["flop_ratio"] = r["step_flops"] / s["step_flops"] if s and s["step_flops"] else None
+        r["mfu"] = mfu(r["step_flops"], r["step_ms"], peak)
+
+
+def check_goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for model, what, limit in GOALS:
+        if what == "off":
+            cand = [r for r in rows if r["model"] == model and r["variant"] == "off" and not r["compile"]]
+            value = cand[0]["time_ratio"] if cand else None
+            desc = "masksub step, sub-branch off / plain step (time)"
+        else:
+            cand = [r for r in rows if r["model"] == model and r["variant"] == "masksub" and r["mode"] == "mask"
+                    and r["order"] == "memory" and not r["compile"]]
+            value = cand[0]["time_ratio" if what == "time" else "memory_ratio"] if cand else None
+            desc = f"masksub mask memory / standard ({what})"
+        if value is not None:
+            out.append(dict(model=model, goal=desc, limit=limit, measured=round(value, 4), met=value <= limit))
+    return out
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def table(rows: list[dict[str, Any]], goals: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    head = (f"{'model':<11} {'batch':>5} {'cmp':<3} {'step':<30} {'ms':>8} {'x std':>6} "
+            f"{'GiB':>6} {'x std':>6} {'img/s':>8} {'sub/main':>8} {'FLOPx':>6} {'MFU':>5} {'graphs':>6}")
+    lines = [f"masksub bench on {meta['device']} ({meta['dtype']}, median of {meta['steps']} steps "
+             f"after {meta['warmup']} warm-up; {meta['date']})", head, "-" * len(head)]
+    for r in rows:
+        gib = r["peak_bytes"] / 2**30 if r["peak_bytes"] else None
+        lines.append(
+            f"{r['model']:<11} {r['batch']:>5} {'yes' if r['compile'] else 'no':<3} {r['label']:<30} "
+            f"{r['step_ms']:>8.2f} {_fmt(r['time_ratio'], '.3f'):>6} {_fmt(gib, '.2f'):>6} "
+            f"{_fmt(r['memory_ratio'], '.3f'):>6} {r['images_per_s']:>8.1f} "
+            f"{_fmt(r['sub_flop_fraction'], '.3f'):>8} {_fmt(r['flop_ratio'], '.3f'):>6} "
+            f"{_fmt(r['mfu'] * 100 if r['mfu'] is not None else None, '.1f'):>5} "
+            f"{_fmt(r['graphs'], 'd'):>6}"
+        )
+    if goals:
+        lines.append("")
+        lines.append("goals (issue 5):")
+        for g in goals:
+            lines.append(f"  {g['model']:<9} {g['goal']:<50} {g['measured']:.3f} <= {g['limit']:.2f}  "
+                         f"{'met' if g['met'] else 'NOT met'}")
+    lines.append("columns: x std = ratio to the standard step (same model, batch, compile); sub/main = "
+                 "counted sub-forward FLOPs / main-forward FLOPs; FLOPx = counted step FLOPs / standard "
+                 "step FLOPs; MFU = counted step FLOPs per second / peak (%); graphs = dynamo graphs compiled")
+    return "\n".join(lines)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")
+
+
+def main(args: argparse.Namespace) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MaskSubError("--device cuda but torch sees no GPU; use --device cpu (tiny models)")
+    gpu = device.type == "cuda"
+    args.steps = args.steps if args.steps is not None else (30 if gpu else 3)
+    args.warmup = args.warmup if args.warmup is not None else (8 if gpu else 1)
+    if args.steps < 1 or args.warmup < 0:
+        raise MaskSubError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+    dtype_name = args.dtype or ("bf16" if gpu else "fp32")
+    amp = DTYPES[dtype_name]
+    custom = any(v is not None for v in (args.modes, args.orders, args.variants, args.compile))
+    models = args.models or list(GPU_MODELS if gpu else TINY_MODELS)
+    plan = grid_plan(args, models) if (custom or args.models) else default_plan(tuple(models), gpu)
+    batches = parse_batches(args.batch, sorted({s.model for s in plan}))
+    name = device_name(device)
+    peak = args.peak_tflops or (peak_tflops(name) if gpu else None)
+    meta = dict(date=_dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), device=name, dtype=dtype_name,
+                steps=args.steps, warmup=args.warmup, peak_tflops=peak, torch=torch.__version__,
+                python=platform.python_version(), threads=torch.get_num_threads(), argv=sys.argv[1:],
+                drop_path=args.drop_path, ratio=args.ratio, optimizer="AdamW fused" if gpu else "AdamW")
+    try:
+        import timm
+
+        meta["timm"] = timm.__version__
+    except ImportError as e:
+        raise MaskSubError("masksub bench needs timm (pip install 'masksub[timm]')") from e
+    from . import __version__
+
+    meta["masksub"] = __version__
+    rows: list[dict[str, Any]] = []
+    flop_cache: dict[tuple, dict[str, Any]] = {}
+    t_start = time.perf_counter()
+    for model_name in dict.fromkeys(s.model for s in plan):
+        torch.manual_seed(args.seed)
+        spec = MODELS[model_name]
+        base = build_model(model_name, args.drop_path).to(device)
+        b = batches[model_name]
+        x = torch.randn(b, 3, spec.img, spec.img, device=device)
+        y = torch.randint(0, spec.num_classes, (b,), device=device)
+        for setting in [s for s in plan if s.model == model_name]:
+            t = time.perf_counter()
+            row = measure(setting, base, x, y, args=args, device=device, amp=amp, flop_cache=flop_cache)
+            row["wall_s"] = round(time.perf_counter() - t, 2)
+            rows.append(row)
+            print(f"  {model_name:<11} {'compiled ' if setting.compile else ''}{setting.label:<30} "
+                  f"{row['step_ms']:8.2f} ms  ({row['wall_s']:.1f} s)", file=sys.stderr, flush=True)
+        del base, x, y
+    meta["wall_s"] = round(time.perf_counter() - t_start, 1)
+    add_ratios(rows, peak)
+    goals = check_goals(rows) if gpu else []
+    text = table(rows, goals, meta)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"{_dt.datetime.now(_dt.UTC).strftime('%Y-%m-%d')}_{_slug(name)}"
+    (args.out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows, goals=goals), indent=1) + "\n")
+    (args.out / f"{stem}.txt").write_text(text + "\n")
+    print(f"wrote {args.out / (stem + '.json')} and .txt", file=sys.stderr)
+    return 0

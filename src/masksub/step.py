@@ -10,6 +10,7 @@ scaling and the optimizer step stay with the caller, once, on the summed gradien
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -97,7 +98,7 @@ class MaskSub:
         if kind not in KINDS:
             raise MaskSubError(f"kind must be one of {KINDS}, got {kind!r} (sigmoid for BCE recipes)")
         for name, w in (("main_weight", main_weight), ("sub_weight", sub_weight)):
-            if not isinstance(w, (int, float)) or w < 0:
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < math.inf:
                 raise MaskSubError(f"{name} must be a non-negative number, got {w!r}")
         self.model = model
         self.mode = None if mode in (None, "none") else mode
@@ -112,10 +113,26 @@ class MaskSub:
         if self.mode is not None:
             self.branch = build_branch(model, self.mode, family, **family_options)
             self.ratio = resolve_ratio(self.mode, ratio, type(self.branch))
-            self.branch.prepare(unwrap(model))
+            self._prepare(model)
+            self.branch.check(unwrap(model), self.ratio)
         elif family_options or ratio:
             raise MaskSubError("mode is off ('none'): ratio and family options have no effect; set mode='mask'")
-        self._validated = False
+
+    def _prepare(self, model: nn.Module) -> None:
+        """Add the branch's parameters; refuse when a DDP/FSDP wrapper could no longer see them."""
+        inner = unwrap(model)
+        before = {id(p) for p in inner.parameters()}
+        self.branch.prepare(inner)
+        added = [n for n, p in inner.named_parameters() if id(p) not in before]
+        if added and inner is not model and type(model).__name__ != "OptimizedModule":
+            for name in added:
+                if "." not in name:
+                    delattr(inner, name)
+            raise MaskSubError(
+                f"the {self.branch.name!r} sub-branch adds the parameter(s) {added}, which "
+                f"{type(model).__name__} (built before) would never synchronise; call "
+                "masksub.prepare(model, ...) or build MaskSub on the bare model before wrapping it"
+            )
 
     # -- pieces a custom loop can use on its own -------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -153,9 +170,7 @@ class MaskSub:
         ``sync=False`` keeps DDP from all-reducing (gradient accumulation, not the last
         micro-batch); ``loss_scale`` multiplies both losses (e.g. 1 / accumulation steps).
         """
-        if not self._validated:
-            self.validate(x)
-            self._validated = True
+        self.validate(x)  # shape checks only, every step: a bad batch fails before any work
         model = self.model
         is_ddp = hasattr(model, "no_sync") and hasattr(model, "require_backward_grad_sync")
         no_sync = model.no_sync if is_ddp else contextlib.nullcontext

@@ -78,5 +78,8 @@ def sub_branch(model: nn.Module, mode: str = "mask", ratio: float | None = None,
     branch = family if isinstance(family, Family) else build_branch(model, mode, family, **family_options)
     r = resolve_ratio(mode, ratio, type(branch))
     inner = unwrap(model)
+    if not isinstance(branch, MaskTokenFamily):  # that one warns if it must add its token here
+        branch.prepare(inner)
+    branch.check(inner, r)
     with branch.apply(inner, r):
         yield model

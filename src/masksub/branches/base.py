@@ -65,6 +65,9 @@ class Family:
     def validate(self, model: nn.Module, x: Any) -> None:
         """Raise MaskSubError on an input this branch cannot take."""
 
+    def check(self, model: nn.Module, ratio: float) -> None:
+        """Raise MaskSubError if ``ratio`` cannot work on this model (checked before any step)."""
+
     def apply(self, model: nn.Module, ratio: float) -> contextlib.AbstractContextManager:
         raise NotImplementedError
 

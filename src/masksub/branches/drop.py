@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,19 +20,47 @@ from .base import Family
 # Layers that read a float rate instead of an nn.Dropout module: Hugging Face attention
 # (``dropout_prob``, ``attention_dropout``) and timm heads calling F.dropout (``drop_rate``).
 _FLOAT_DROPOUT_ATTRS = ("dropout_prob", "attention_dropout", "drop_rate")
-
-
-def _has_dropout(model: nn.Module) -> bool:
-    return any(
-        isinstance(m, nn.modules.dropout._DropoutNd)
-        or any(isinstance(m.__dict__.get(a), float) for a in _FLOAT_DROPOUT_ATTRS)
-        for m in model.modules()
-    )
 _DROP_PATH_SLOT = re.compile(r"^drop_path\d*$")
 
 
-def _is_drop_path(m: nn.Module) -> bool:
-    return type(m).__name__ == "DropPath" and hasattr(m, "drop_prob")
+def _dropout_slots(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(module, attribute) of every dropout rate in the model."""
+    slots = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            slots.append((m, "p"))
+        for attr in _FLOAT_DROPOUT_ATTRS:
+            if isinstance(m.__dict__.get(attr), float):
+                slots.append((m, attr))
+    return slots
+
+
+def _drop_path_attr(m: nn.Module) -> str | None:
+    """The rate attribute of a drop-path module: timm / HF ``*DropPath.drop_prob``,
+    torchvision ``StochasticDepth.p``."""
+    name = type(m).__name__
+    if name.endswith("DropPath") and isinstance(getattr(m, "drop_prob", None), float):
+        return "drop_prob"
+    if name == "StochasticDepth" and isinstance(getattr(m, "p", None), float):
+        return "p"
+    return None
+
+
+class _PerModel:
+    """Remembers what the walk over one model found, so a step does not walk every module.
+
+    Keyed on the model object (weakly); a model whose structure changes needs a new MaskSub.
+    """
+
+    def __init__(self) -> None:
+        self._ref: weakref.ref | None = None
+        self._value: Any = None
+
+    def get(self, model: nn.Module, make: Any) -> Any:
+        if self._ref is None or self._ref() is not model:
+            self._value = make(model)
+            self._ref = weakref.ref(model)
+        return self._value
 
 
 class DropPath(nn.Module):
@@ -56,8 +85,12 @@ class DropSub(Family):
     modes = ("dropout",)
     default_ratio = 0.2
 
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._slots = _PerModel()
+
     def prepare(self, model: nn.Module) -> None:
-        if not _has_dropout(model):
+        if not self._slots.get(model, _dropout_slots):
             raise MaskSubError(
                 f"{type(model).__name__} has no dropout module for DropSub to raise; build it with "
                 "its dropout layers (timm: drop_rate / proj_drop_rate; HF: hidden_dropout_prob) or use mode='mask'"
@@ -67,19 +100,25 @@ class DropSub(Family):
     def apply(self, model: nn.Module, ratio: float) -> Iterator[None]:
         saved: list[tuple[Any, str, float]] = []
         try:
-            for m in model.modules():
-                if isinstance(m, nn.modules.dropout._DropoutNd):
-                    saved.append((m, "p", m.p))
-                    m.p = ratio
-                for attr in _FLOAT_DROPOUT_ATTRS:
-                    v = m.__dict__.get(attr)
-                    if isinstance(v, float):
-                        saved.append((m, attr, v))
-                        setattr(m, attr, ratio)
+            for m, attr in self._slots.get(model, _dropout_slots):
+                saved.append((m, attr, getattr(m, attr)))
+                setattr(m, attr, ratio)
             yield
         finally:
             for m, attr, v in reversed(saved):
                 setattr(m, attr, v)
+
+
+def _drop_path_slots(model: nn.Module) -> tuple[list[tuple[nn.Module, str]], list[tuple[nn.Module, str]]]:
+    """(module, rate attribute) of every drop-path, and the empty ``drop_path*`` slots
+    (``nn.Identity`` or ``None``) timm leaves where the schedule gave rate 0."""
+    paths = [(m, a) for m in model.modules() if (a := _drop_path_attr(m)) is not None]
+    empty = []
+    for m in model.modules():
+        for name, child in list(m._modules.items()) + [(k, v) for k, v in m.__dict__.items() if v is None]:
+            if _DROP_PATH_SLOT.match(name) and (child is None or type(child) is nn.Identity):
+                empty.append((m, name))
+    return paths, empty
 
 
 class PathSub(Family):
@@ -93,44 +132,44 @@ class PathSub(Family):
     modes = ("droppath",)
     default_ratio = 0.1
 
-    def _slots(self, model: nn.Module) -> tuple[list[nn.Module], list[tuple[nn.Module, str]]]:
-        paths = [m for m in model.modules() if _is_drop_path(m)]
-        empty = []
-        for m in model.modules():
-            for name, child in list(m._modules.items()) + [(k, v) for k, v in m.__dict__.items() if v is None]:
-                if _DROP_PATH_SLOT.match(name) and (child is None or type(child) is nn.Identity):
-                    empty.append((m, name))
-        return paths, empty
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._slots = _PerModel()
 
     def prepare(self, model: nn.Module) -> None:
-        paths, empty = self._slots(model)
+        paths, empty = self._slots.get(model, _drop_path_slots)
         if not paths and not empty:
             raise MaskSubError(
                 f"{type(model).__name__} has no drop-path (stochastic depth) for PathSub to raise; "
                 "build it with drop_path_rate > 0 (timm) or use mode='mask' / 'dropout'"
             )
 
-    @contextlib.contextmanager
-    def apply(self, model: nn.Module, ratio: float) -> Iterator[None]:
-        paths, empty = self._slots(model)
-        bad = [m.drop_prob for m in paths if m.drop_prob + ratio >= 1.0]
+    def check(self, model: nn.Module, ratio: float) -> None:
+        paths, _ = self._slots.get(model, _drop_path_slots)
+        bad = [getattr(m, a) for m, a in paths if getattr(m, a) + ratio >= 1.0]
         if bad:
             raise MaskSubError(f"drop-path {max(bad)} + delta {ratio} reaches 1; use a smaller delta (ratio)")
-        saved: list[tuple[nn.Module, float]] = []
+
+    @contextlib.contextmanager
+    def apply(self, model: nn.Module, ratio: float) -> Iterator[None]:
+        paths, empty = self._slots.get(model, _drop_path_slots)
+        self.check(model, ratio)
+        saved: list[tuple[nn.Module, str, float]] = []
         swapped: list[tuple[nn.Module, str, Any, bool]] = []
         try:
-            for m in paths:
-                saved.append((m, m.drop_prob))
-                m.drop_prob = m.drop_prob + ratio
+            for m, a in paths:
+                saved.append((m, a, getattr(m, a)))
+                setattr(m, a, getattr(m, a) + ratio)
+            fill = DropPath(ratio).train(model.training)  # stateless: one serves every slot
             for m, name in empty:
                 in_modules = name in m._modules
                 old = m._modules[name] if in_modules else m.__dict__.pop(name)
                 swapped.append((m, name, old, in_modules))
-                m._modules[name] = DropPath(ratio)
+                m._modules[name] = fill
             yield
         finally:
-            for m, p in saved:
-                m.drop_prob = p
+            for m, a, p in reversed(saved):
+                setattr(m, a, p)
             for m, name, old, in_modules in reversed(swapped):
                 if in_modules:
                     m._modules[name] = old

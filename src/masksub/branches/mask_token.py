@@ -45,8 +45,11 @@ def ensure_mask_token(model: nn.Module, dim: int) -> nn.Parameter:
     token = getattr(model, TOKEN_NAME, None)
     if token is None:
         ref = next(model.parameters())
-        token = nn.Parameter(torch.zeros(dim, device=ref.device, dtype=ref.dtype))
-        nn.init.trunc_normal_(token, std=0.02)
+        # Own generator: adding the token must not shift the global RNG stream, so a MaskSub
+        # run and its baseline draw the same data order and augmentations.
+        value = torch.empty(dim)
+        nn.init.trunc_normal_(value, std=0.02, generator=torch.Generator().manual_seed(dim))
+        token = nn.Parameter(value.to(device=ref.device, dtype=ref.dtype))
         model.register_parameter(TOKEN_NAME, token)
     return token
 

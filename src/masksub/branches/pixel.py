@@ -20,6 +20,11 @@ from .masks import random_mask
 def mask_pixels(x: Tensor, ratio: float, patch_size: int) -> Tensor:
     """Zero ``round(ratio * n)`` of the ``patch_size`` x ``patch_size`` squares of each image."""
     b, _, h, w = x.shape
+    if h % patch_size or w % patch_size:
+        raise MaskSubError(
+            f"image size {h}x{w} is not divisible by the mask patch_size {patch_size}; "
+            f"pick a patch_size that divides both (e.g. {_divisor_hint(h, w)}) or resize the images"
+        )
     gh, gw = h // patch_size, w // patch_size
     m = random_mask(b, gh * gw, ratio, x.device).view(b, 1, gh, 1, gw, 1)
     m = m.expand(-1, -1, -1, patch_size, -1, patch_size).reshape(b, 1, h, w)

@@ -55,7 +55,9 @@ class TextMask(Family):
             raise MaskSubError(f"the text sub-branch takes a dict batch with 'input_ids', got {type(x).__name__}")
 
     def mask(self, input_ids: Tensor, attention_mask: Tensor | None, ratio: float) -> Tensor:
-        eligible = ~torch.isin(input_ids, self.special_ids.to(input_ids.device))
+        if self.special_ids.device != input_ids.device:  # moved once, not every step
+            self.special_ids = self.special_ids.to(input_ids.device)
+        eligible = ~torch.isin(input_ids, self.special_ids)
         if attention_mask is not None:
             eligible &= attention_mask.bool()
         m = random_mask_among(eligible, ratio)
@@ -68,7 +70,8 @@ class TextMask(Family):
                 kwargs = dict(kwargs)
                 kwargs["input_ids"] = self.mask(kwargs["input_ids"], kwargs.get("attention_mask"), ratio)
             elif args:
-                args = (self.mask(args[0], kwargs.get("attention_mask"), ratio), *args[1:])
+                attn = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+                args = (self.mask(args[0], attn, ratio), *args[1:])
             return args, kwargs
 
         with forward_pre_hook(model, hook):

@@ -18,29 +18,42 @@ from .base import Family
 from .masks import masked_count
 
 
-class TokenRemoval(nn.Module):
-    """Keep the prefix tokens and ``L - round(ratio * L)`` random patch tokens per image."""
+def kept_count(n: int, ratio: float) -> int:
+    """Patch tokens left after removal: never zero, so a model without prefix tokens still
+    has something to pool."""
+    return max(1, n - masked_count(n, ratio)) if n else 0
 
-    def __init__(self, ratio: float, num_prefix_tokens: int = 1) -> None:
+
+class TokenRemoval(nn.Module):
+    """Keep the prefix tokens and ``L - round(ratio * L)`` (at least 1) random patch tokens.
+
+    ``return_indices=True`` returns ``(x, keep_indices)`` like timm's
+    ``PatchDropoutWithIndices``, for models (timm Eva) that gather their rotary embedding with it.
+    """
+
+    def __init__(self, ratio: float, num_prefix_tokens: int = 1, return_indices: bool = False) -> None:
         super().__init__()
         self.ratio = ratio
         self.num_prefix_tokens = num_prefix_tokens
+        self.return_indices = return_indices
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor | None]:
         p = self.num_prefix_tokens
         prefix, tokens = x[:, :p], x[:, p:]
         b, n, d = tokens.shape
-        keep = n - masked_count(n, self.ratio)
+        keep = kept_count(n, self.ratio)
         if keep >= n:
-            return x
+            return (x, None) if self.return_indices else x
         # topk of uniform noise = a uniform random subset, cheaper than a full argsort.
         idx = torch.rand(b, n, device=x.device).topk(keep, dim=1, sorted=False).indices
         kept = torch.gather(tokens, 1, idx.unsqueeze(-1).expand(-1, -1, d))
-        return torch.cat([prefix, kept], dim=1) if p else kept
+        out = torch.cat([prefix, kept], dim=1) if p else kept
+        return (out, idx) if self.return_indices else out
 
 
 class ViTTokenRemoval(Family):
-    """timm ``VisionTransformer`` and subclasses (DeiT-III, MAE / CLIP finetune): drop tokens."""
+    """timm ``VisionTransformer`` and subclasses (DeiT-III, MAE / CLIP finetune), timm ``Eva``:
+    drop tokens."""
 
     name = "vit"
 
@@ -51,7 +64,9 @@ class ViTTokenRemoval(Family):
     @contextlib.contextmanager
     def apply(self, model: nn.Module, ratio: float) -> Iterator[None]:
         old = model.patch_drop
-        model.patch_drop = TokenRemoval(ratio, int(model.num_prefix_tokens))
+        # timm Eva leaves the slot None (or a PatchDropoutWithIndices) and unpacks (x, indices).
+        with_indices = old is None or type(old).__name__ == "PatchDropoutWithIndices"
+        model.patch_drop = TokenRemoval(ratio, int(model.num_prefix_tokens), with_indices)
         try:
             yield
         finally:

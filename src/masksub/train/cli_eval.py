@@ -1,0 +1,79 @@
+"""``masksub eval``: top-1 / top-5 of a checkpoint on a data set."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="a .pt file or a run directory (its last.pt)")
+    p.add_argument("--data", help="data set (default: the one it was trained on)")
+    p.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def evaluate_checkpoint(path: str, *, data: str | None = None, ema: bool = False,
+                        batch_size: int | None = None, device: str | None = None,
+                        sets: list[str] | None = None) -> dict:
+    import torch
+
+    from ..errors import MaskSubError
+    from . import checkpoint
+    from . import config as C
+    from .build import build_model, label_criterion
+    from .data import build_data
+
+    ck = checkpoint.load(path)
+    cfg = C.from_dict(ck["config"])
+    ov = C.parse_sets(sets or [])
+    if data:
+        ov["data"] = data
+    if batch_size:
+        ov["eval_batch_size"] = batch_size
+    if device:
+        ov["device"] = device
+    C.apply(cfg, ov, "the command line")
+    C.validate(cfg)
+    dev = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = build_model(cfg)
+    sd = ck["model"]
+    if ema:
+        if not ck.get("ema"):
+            raise MaskSubError(f"checkpoint {path} has no EMA weights")
+        sd = {k.removeprefix("module."): v for k, v in ck["ema"].items()}
+    if "masksub_mask_token" in sd and not hasattr(model, "masksub_mask_token"):
+        import masksub
+
+        masksub.prepare(model, "mask", cfg.family, **cfg.family_options)
+    checkpoint.check_model(ck, model, cfg.model, path)
+    model.load_state_dict(sd)
+    model.to(dev).eval()
+    _, val = build_data(cfg, device=dev)
+    crit = label_criterion(cfg)
+    n = top1 = top5 = loss = 0.0
+    with torch.no_grad():
+        for x, y in val.iterate(0, 0):
+            logits = model(x).float()
+            hit = logits.topk(min(5, logits.shape[1]), 1).indices == y[:, None]
+            top1 += hit[:, 0].sum().item()
+            top5 += hit.any(1).sum().item()
+            loss += crit(logits, y).item() * len(y)
+            n += len(y)
+    n = max(n, 1)
+    return {"checkpoint": str(path), "data": cfg.data, "top1": 100 * top1 / n, "top5": 100 * top5 / n,
+            "val_loss": loss / n, "count": int(n), "ema": ema}
+
+
+def main(args: argparse.Namespace) -> int:
+    r = evaluate_checkpoint(args.checkpoint, data=args.data, ema=args.ema, batch_size=args.batch_size,
+                            device=args.device, sets=args.sets)
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"masksub eval: {r['checkpoint']} on {r['data']} ({r['count']} images): "
+              f"top-1 {r['top1']:.2f}%, top-5 {r['top5']:.2f}%, loss {r['val_loss']:.4f}")
+    return 0

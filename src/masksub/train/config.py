@@ -1,0 +1,325 @@
+"""Training config: one flat dataclass, loaded from a recipe YAML, then ``--set`` / flag overrides.
+
+Every key is checked before any work starts: an unknown key gets a close-match suggestion, a
+bad value a message that names the key and what to do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+from ..errors import MaskSubError, check_ratio
+
+SUBS = ("none", "mask", "dropout", "droppath")
+AMPS = ("none", "bf16", "fp16")
+AUGS = ("timm", "3aug", "crop_flip", "none")
+
+
+@dataclass
+class Config:
+    """All trainer settings; a recipe YAML sets a subset, the rest keep these defaults."""
+
+    # where the recipe came from
+    recipe: str = ""
+    source: str = ""
+    # model (timm name; model_kwargs go to timm.create_model, e.g. depth, img_size)
+    model: str = "vit_small_patch16_224"
+    model_kwargs: dict = field(default_factory=dict)
+    pretrained_file: str = ""
+    num_classes: int = 1000
+    img_size: int = 224
+    in_chans: int = 3
+    drop_path: float = 0.0
+    drop: float = 0.0
+    # data: "synthetic", "fashion-mnist", an ImageFolder root, "hfds/NAME" or "wds/..." (timm)
+    data: str = "synthetic"
+    data_dir: str = ""
+    train_split: str = "train"
+    val_split: str = "validation"
+    subset: int = 0
+    val_subset: int = 0
+    synthetic_size: int = 512
+    synthetic_val_size: int = 128
+    batch_size: int = 128
+    eval_batch_size: int = 0
+    workers: int = 4
+    # augmentation
+    aug: str = "timm"
+    auto_augment: str | None = None
+    color_jitter: float | None = 0.4
+    reprob: float = 0.0
+    crop_pct: float | None = None
+    crop_pad: int = 2
+    hflip: float = 0.5
+    interpolation: str = "bicubic"
+    mean: list | None = None
+    std: list | None = None
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    label_smoothing: float = 0.0
+    bce: bool = False
+    bce_target_thresh: float | None = None
+    # the sub-branch
+    sub: str = "mask"
+    ratio: float | None = None
+    order: str = "memory"
+    family: str | None = None
+    family_options: dict = field(default_factory=dict)
+    masking_only: bool = False
+    # optimisation
+    opt: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    opt_eps: float | None = None
+    opt_betas: list | None = None
+    layer_decay: float | None = None
+    sched: str = "cosine"
+    epochs: int = 100
+    warmup_epochs: float = 5.0
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-6
+    clip_grad: float | None = None
+    accum_steps: int = 1
+    ema: bool = False
+    ema_decay: float = 0.9998
+    # speed
+    amp: str = "none"
+    channels_last: bool = False
+    compile: bool = False
+    device: str = "auto"
+    threads: int = 0
+    # run
+    seed: int = 0
+    output: str = "runs"
+    run_name: str = ""
+    log_every: int = 50
+    eval_every: int = 1
+    checkpoint_every: int = 0
+    max_steps: int = 0
+    nonfinite_max: int = 5
+    analysis: bool = False
+    analysis_subset: int = 2048
+    grad_norm_every: int = 20
+    tensorboard: bool = True
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_HINTS = get_type_hints(Config)
+
+
+def recipe_dirs() -> list[Path]:
+    """Where recipes live: $MASKSUB_RECIPES, the repo's ``recipes/``, then the package's copy."""
+    here = Path(__file__).resolve()
+    dirs = [here.parents[3] / "recipes", here.parents[1] / "recipes"]
+    if os.environ.get("MASKSUB_RECIPES"):
+        dirs.insert(0, Path(os.environ["MASKSUB_RECIPES"]))
+    return [d for d in dirs if d.is_dir()]
+
+
+def recipe_names() -> list[str]:
+    names: set[str] = set()
+    for d in recipe_dirs():
+        names.update(p.stem for p in d.glob("*.yaml"))
+    return sorted(names)
+
+
+def find_recipe(name: str) -> Path:
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise MaskSubError(f"recipe file {name} does not exist")
+        return p
+    for d in recipe_dirs():
+        cand = d / f"{name}.yaml"
+        if cand.is_file():
+            return cand
+    names = recipe_names()
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    raise MaskSubError(f"unknown recipe {name!r}{hint} Known recipes: {', '.join(names)}")
+
+
+def _unknown_key(key: str, where: str) -> MaskSubError:
+    close = difflib.get_close_matches(key, FIELDS, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return MaskSubError(f"unknown config key {key!r} in {where}{hint} (run `masksub train --list-keys`)")
+
+
+def _coerce(key: str, value: Any, where: str) -> Any:
+    """Turn a YAML / command-line value into the field's type, or say why it cannot be."""
+    hint = _HINTS[key]
+    args = get_args(hint)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    base = get_origin(base) or base
+    if isinstance(value, str) and base is not str:
+        if value.lower() in ("none", "null", "~", ""):
+            value = None
+        else:
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError as e:
+                raise MaskSubError(f"{where}: cannot read value {value!r} for {key}: {e}") from None
+    if value is None:
+        if optional:
+            return None
+        if base is str:
+            return ""
+        raise MaskSubError(f"{where}: {key} cannot be empty; give a {base.__name__}")
+    try:
+        if base is bool:
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if base is str:
+            return str(value)
+        if base is dict:
+            if not isinstance(value, dict):
+                raise TypeError
+            return dict(value)
+        if base is list:
+            if not isinstance(value, (list, tuple)):
+                raise TypeError
+            return list(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    raise MaskSubError(f"{where}: {key} must be a {base.__name__}, got {value!r}")
+
+
+def apply(cfg: Config, values: dict[str, Any], where: str) -> Config:
+    for k, v in values.items():
+        if k not in FIELDS:
+            raise _unknown_key(k, where)
+        setattr(cfg, k, _coerce(k, v, where))
+    return cfg
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """``["lr=1e-3", "model_kwargs.depth=2"]`` -> dict; dotted keys go into dict fields."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise MaskSubError(f"--set takes key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        k = k.strip().replace("-", "_")
+        if "." in k:
+            top, sub = k.split(".", 1)
+            if top not in FIELDS or _HINTS[top] is not dict:
+                raise _unknown_key(top, "--set") if top not in FIELDS else MaskSubError(
+                    f"--set {k}: {top} is not a mapping; use --set {top}=VALUE")
+            out.setdefault(top, {})[sub] = yaml.safe_load(v)
+        else:
+            out[k] = v
+    return out
+
+
+def load(recipe: str | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults <- recipe YAML <- overrides (already parsed); then validated."""
+    cfg = Config()
+    if recipe:
+        path = find_recipe(recipe)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise MaskSubError(f"recipe {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise MaskSubError(f"recipe {path} must be a mapping of key: value")
+        data.setdefault("recipe", path.stem)
+        apply(cfg, data, f"recipe {path}")
+    for k, v in (overrides or {}).items():
+        if k in FIELDS and _HINTS[k] is dict and isinstance(v, dict):
+            merged = dict(getattr(cfg, k))
+            merged.update(v)
+            v = merged
+        apply(cfg, {k: v}, "the command line")
+    validate(cfg)
+    return cfg
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    """A config saved in a run directory or checkpoint (keys this version lacks are refused)."""
+    cfg = apply(Config(), values, "the saved config")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Every check that needs no model or data: ranges, choices, combinations."""
+    def choice(key: str, options: tuple[str, ...]) -> None:
+        v = getattr(cfg, key)
+        if v not in options:
+            close = difflib.get_close_matches(str(v), options, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise MaskSubError(f"{key} must be one of {', '.join(options)}, got {v!r}{hint}")
+
+    choice("sub", SUBS)
+    choice("amp", AMPS)
+    choice("aug", AUGS)
+    choice("order", ("memory", "fused"))
+    if cfg.ratio is not None:
+        what = {"mask": "ratio (mask ratio)", "dropout": "ratio (dropout p_sub)",
+                "droppath": "ratio (drop-path increase)", "none": "ratio"}[cfg.sub]
+        if cfg.sub == "none":
+            raise MaskSubError("ratio is set but sub is 'none'; drop --ratio or pick --sub mask")
+        check_ratio(cfg.ratio, what)
+    if cfg.masking_only and cfg.sub != "mask":
+        raise MaskSubError("masking_only trains the single branch on masked input: it needs sub=mask")
+    for key in ("drop_path", "drop", "reprob", "label_smoothing", "hflip"):
+        v = getattr(cfg, key)
+        if not 0.0 <= v < 1.0 and not (key == "hflip" and v == 1.0):
+            raise MaskSubError(f"{key} must be in [0, 1), got {v}")
+    for key in ("batch_size", "epochs", "num_classes", "img_size", "in_chans", "accum_steps",
+                "log_every", "eval_every", "nonfinite_max", "grad_norm_every"):
+        if getattr(cfg, key) < 1:
+            raise MaskSubError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    for key in ("subset", "val_subset", "max_steps", "checkpoint_every", "workers", "threads",
+                "eval_batch_size", "synthetic_size", "synthetic_val_size", "crop_pad"):
+        if getattr(cfg, key) < 0:
+            raise MaskSubError(f"{key} must be >= 0, got {getattr(cfg, key)}")
+    if cfg.lr <= 0:
+        raise MaskSubError(f"lr must be > 0, got {cfg.lr}")
+    if cfg.weight_decay < 0 or cfg.warmup_epochs < 0 or cfg.min_lr < 0:
+        raise MaskSubError("weight_decay, warmup_epochs and min_lr must be >= 0")
+    if cfg.layer_decay is not None and not 0.0 < cfg.layer_decay <= 1.0:
+        raise MaskSubError(f"layer_decay must be in (0, 1], got {cfg.layer_decay}")
+    if cfg.clip_grad is not None and cfg.clip_grad <= 0:
+        raise MaskSubError(f"clip_grad must be > 0 (or null for none), got {cfg.clip_grad}")
+    if not 0.0 < cfg.ema_decay < 1.0:
+        raise MaskSubError(f"ema_decay must be in (0, 1), got {cfg.ema_decay}")
+    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
+        raise MaskSubError(f"Mixup/CutMix needs an even batch_size, got {cfg.batch_size}")
+    if cfg.mixup < 0 or cfg.cutmix < 0:
+        raise MaskSubError("mixup and cutmix alphas must be >= 0")
+    if cfg.masking_only and cfg.analysis and cfg.order == "fused":
+        raise MaskSubError("analysis gradient norms need order=memory")
+    if cfg.analysis and cfg.order == "fused" and cfg.sub != "none":
+        raise MaskSubError("analysis: true measures per-branch gradient norms; it needs order=memory")
+    if cfg.data not in ("synthetic", "fashion-mnist") and not cfg.data.startswith(("hfds/", "hfids/", "wds/", "tfds/")):
+        if not Path(cfg.data).expanduser().exists():
+            raise MaskSubError(
+                f"data path {cfg.data} does not exist; give an ImageFolder root (with train/ and "
+                "validation/ or val/ folders), 'fashion-mnist', 'synthetic', or a timm dataset "
+                "spec like hfds/NAME or wds/NAME with data_dir="
+            )

@@ -1,0 +1,306 @@
+"""Data for the trainer: in-memory tensors (Fashion-MNIST, synthetic) or timm's dataset factory.
+
+Small data sets live as one uint8 tensor on the training device and are cropped and flipped
+there a batch at a time: a DataLoader over 60k 28x28 images would starve a GPU. Larger ones go
+through ``timm.data.create_dataset`` + ``create_transform`` and a DataLoader. Both take the
+batch order from (seed, epoch) alone and can start mid-epoch, which is what makes ``--resume``
+exact; under torchrun each rank gets its own shard.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import MaskSubError
+from .config import Config
+
+FMNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
+FMNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool, rank: int, world: int) -> Tensor:
+    """This rank's sample indices for one epoch, from (seed, epoch) only."""
+    if shuffle:
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=g)
+    else:
+        order = torch.arange(n)
+    if world > 1:
+        if shuffle:  # equal shards so every rank runs the same number of steps
+            order = order[: (n // world) * world] if n >= world else order.repeat(world)[:world]
+        order = order[rank::world]
+    return order
+
+
+def _n_batches(n: int, batch: int, drop_last: bool) -> int:
+    if drop_last and n >= batch:
+        return n // batch
+    return math.ceil(n / batch)
+
+
+class TensorData:
+    """A whole data set as one uint8 NCHW tensor on the device; crop+flip done on the batch."""
+
+    def __init__(self, images: Tensor, labels: Tensor, *, mean: tuple, std: tuple, batch_size: int,
+                 train: bool, seed: int, rank: int = 0, world: int = 1, crop_pad: int = 0,
+                 hflip: float = 0.0, device: torch.device | str = "cpu", channels_last: bool = False,
+                 img_size: int | None = None) -> None:
+        self.images = images.to(device)
+        self.labels = labels.to(device)
+        self.device = torch.device(device)
+        c = images.shape[1]
+        self.mean = torch.tensor(mean, device=device).view(1, c, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, c, 1, 1) * 255
+        self.batch_size, self.train, self.seed = batch_size, train, seed
+        self.rank, self.world = rank, world
+        self.crop_pad, self.hflip = crop_pad, hflip
+        self.channels_last = channels_last
+        self.img_size = img_size
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def num_batches(self, epoch: int = 0) -> int:
+        n = len(epoch_order(len(self), self.seed, epoch, self.train, self.rank, self.world))
+        return _n_batches(n, self.batch_size, self.train)
+
+    def _prep(self, x: Tensor, augment: bool) -> Tensor:
+        x = x.float()
+        if augment and self.crop_pad:
+            x = random_crop(x, self.crop_pad)
+        if augment and self.hflip:
+            flip = torch.rand(x.shape[0], device=x.device) < self.hflip
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        x = (x - self.mean) / self.std
+        if self.img_size and x.shape[-1] != self.img_size:
+            x = torch.nn.functional.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear",
+                                                align_corners=False)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def iterate(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        order = epoch_order(len(self), self.seed, epoch, self.train, self.rank, self.world).to(self.device)
+        nb = _n_batches(len(order), self.batch_size, self.train)
+        for b in range(start, nb):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            yield self._prep(self.images[idx], self.train), self.labels[idx]
+
+    def plain(self, n: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """The first ``n`` samples, no augmentation, this rank's shard (for the loss analysis)."""
+        idx_all = torch.arange(min(n, len(self)))[self.rank::self.world].to(self.device)
+        for i in range(0, len(idx_all), self.batch_size):
+            idx = idx_all[i:i + self.batch_size]
+            yield self._prep(self.images[idx], False), self.labels[idx]
+
+
+def random_crop(x: Tensor, pad: int) -> Tensor:
+    """Per-image random crop of a zero-padded batch (the classic pad+crop), without a loop."""
+    b, c, h, w = x.shape
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    oy = torch.randint(0, 2 * pad + 1, (b,), device=x.device)
+    ox = torch.randint(0, 2 * pad + 1, (b,), device=x.device)
+    rows = (oy[:, None] + torch.arange(h, device=x.device)).view(b, 1, h, 1).expand(b, c, h, w + 2 * pad)
+    xp = xp.gather(2, rows)
+    cols = (ox[:, None] + torch.arange(w, device=x.device)).view(b, 1, 1, w).expand(b, c, h, w)
+    return xp.gather(3, cols)
+
+
+class LoaderData:
+    """A timm dataset behind a DataLoader whose order comes from (seed, epoch) and can skip ahead."""
+
+    def __init__(self, dataset: Any, *, batch_size: int, train: bool, seed: int, rank: int, world: int,
+                 workers: int, device: torch.device, channels_last: bool = False,
+                 plain_dataset: Any = None) -> None:
+        self.dataset, self.plain_dataset = dataset, plain_dataset
+        self.batch_size, self.train, self.seed = batch_size, train, seed
+        self.rank, self.world, self.workers = rank, world, workers
+        self.device, self.channels_last = device, channels_last
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def num_batches(self, epoch: int = 0) -> int:
+        n = len(epoch_order(len(self), self.seed, epoch, self.train, self.rank, self.world))
+        return _n_batches(n, self.batch_size, self.train)
+
+    def _loader(self, dataset: Any, indices: list[int], epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        from torch.utils.data import DataLoader
+
+        batches = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+        g = torch.Generator().manual_seed(self.seed * 7919 + epoch * 31 + self.rank)
+        loader = DataLoader(dataset, batch_sampler=batches, num_workers=self.workers,
+                            pin_memory=self.device.type == "cuda", generator=g,
+                            persistent_workers=False)
+        for x, y in loader:
+            x = x.to(self.device, non_blocking=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y.to(self.device, non_blocking=True)
+
+    def iterate(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        order = epoch_order(len(self), self.seed, epoch, self.train, self.rank, self.world).tolist()
+        nb = self.num_batches(epoch)
+        order = order[start * self.batch_size: nb * self.batch_size]
+        return self._loader(self.dataset, order, epoch)
+
+    def plain(self, n: int) -> Iterator[tuple[Tensor, Tensor]]:
+        ds = self.plain_dataset or self.dataset
+        idx = list(range(min(n, len(ds))))[self.rank::self.world]
+        return self._loader(ds, idx, 0)
+
+
+# -- sources ----------------------------------------------------------------------------------
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def fashion_mnist(split: str, data_dir: str = "") -> tuple[Tensor, Tensor]:
+    """Fashion-MNIST as (uint8 N,1,28,28, int64 N): Debian's IDX files, else torchvision."""
+    images_f, labels_f = FMNIST_FILES[split]
+    for d in ([data_dir] if data_dir else []) + list(FMNIST_DIRS):
+        root = Path(d).expanduser()
+        if (root / images_f).is_file() and (root / labels_f).is_file():
+            x = torch.from_numpy(_read_idx(root / images_f).copy()).unsqueeze(1)
+            y = torch.from_numpy(_read_idx(root / labels_f).astype(np.int64))
+            return x, y
+    try:
+        from torchvision.datasets import FashionMNIST
+
+        root = data_dir or os.path.expanduser("~/.cache/masksub/fashion-mnist")
+        ds = FashionMNIST(root, train=split == "train", download=True)
+        return ds.data.unsqueeze(1).clone(), ds.targets.clone()
+    except Exception as e:  # noqa: BLE001 - any failure means: no data
+        raise MaskSubError(
+            "Fashion-MNIST not found: install the Debian package dataset-fashion-mnist "
+            f"(sudo apt-get install dataset-fashion-mnist), or go online so torchvision can fetch it ({e})"
+        ) from None
+
+
+def synthetic(cfg: Config, n: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Random images whose mean brightness per channel depends on the label (learnable, tiny)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, cfg.num_classes, (n,), generator=g)
+    x = torch.randint(0, 128, (n, cfg.in_chans, cfg.img_size, cfg.img_size), generator=g)
+    x = x + (y * (127 // max(cfg.num_classes - 1, 1))).view(-1, 1, 1, 1)
+    return x.to(torch.uint8), y
+
+
+def three_augment(cfg: Config, mean: tuple, std: tuple) -> Any:
+    """DeiT-III's 3-Augment: simple random crop, flip, one of grayscale/solarize/blur, jitter."""
+    from torchvision import transforms as T
+
+    ops = [
+        T.Resize(cfg.img_size, interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomCrop(cfg.img_size, padding=4, padding_mode="reflect"),
+        T.RandomHorizontalFlip(cfg.hflip),
+        T.RandomChoice([T.RandomGrayscale(p=1.0), T.RandomSolarize(128, p=1.0),
+                        T.GaussianBlur(kernel_size=5, sigma=(0.1, 2.0))]),
+    ]
+    if cfg.color_jitter:
+        ops.append(T.ColorJitter(cfg.color_jitter, cfg.color_jitter, cfg.color_jitter))
+    ops += [T.ToTensor(), T.Normalize(mean, std)]
+    return T.Compose(ops)
+
+
+def norm_stats(cfg: Config) -> tuple[tuple, tuple]:
+    if cfg.mean and cfg.std:
+        return tuple(cfg.mean), tuple(cfg.std)
+    if cfg.data == "fashion-mnist":
+        return FMNIST_MEAN, FMNIST_STD
+    if cfg.in_chans == 1:
+        return (0.5,), (0.5,)
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def build_transforms(cfg: Config) -> tuple[Any, Any]:
+    """(train, eval) transforms for the timm path, from timm's ``create_transform``."""
+    from timm.data import create_transform
+
+    mean, std = norm_stats(cfg)
+    size = (cfg.in_chans, cfg.img_size, cfg.img_size)
+    common = dict(input_size=size, interpolation=cfg.interpolation, mean=mean, std=std)
+    if cfg.aug == "3aug":
+        train_tf = three_augment(cfg, mean, std)
+    else:
+        train_tf = create_transform(
+            **common, is_training=True, no_aug=cfg.aug == "none", hflip=cfg.hflip,
+            color_jitter=cfg.color_jitter or 0.0, auto_augment=cfg.auto_augment, re_prob=cfg.reprob,
+        )
+    eval_tf = create_transform(**common, is_training=False, crop_pct=cfg.crop_pct)
+    return train_tf, eval_tf
+
+
+def build_data(cfg: Config, *, device: torch.device, rank: int = 0, world: int = 1) -> tuple[Any, Any]:
+    """(train, val) data objects with ``num_batches(epoch)``, ``iterate(epoch, start)``, ``plain(n)``."""
+    eval_bs = cfg.eval_batch_size or cfg.batch_size
+    if cfg.data in ("synthetic", "fashion-mnist"):
+        if cfg.data == "synthetic":
+            tr = synthetic(cfg, cfg.synthetic_size, 1234)
+            va = synthetic(cfg, cfg.synthetic_val_size, 4321)
+        else:
+            if cfg.in_chans != 1:
+                raise MaskSubError(f"Fashion-MNIST is grey-scale: set in_chans=1 (got {cfg.in_chans})")
+            tr, va = fashion_mnist("train", cfg.data_dir), fashion_mnist("test", cfg.data_dir)
+            if cfg.num_classes != 10:
+                raise MaskSubError(f"Fashion-MNIST has 10 classes: set num_classes=10 (got {cfg.num_classes})")
+        if cfg.subset:
+            tr = (tr[0][: cfg.subset], tr[1][: cfg.subset])
+        if cfg.val_subset:
+            va = (va[0][: cfg.val_subset], va[1][: cfg.val_subset])
+        mean, std = norm_stats(cfg)
+        aug = cfg.aug in ("crop_flip", "timm", "3aug")
+        common = dict(mean=mean, std=std, seed=cfg.seed, rank=rank, world=world, device=device,
+                      channels_last=cfg.channels_last, img_size=cfg.img_size)
+        train = TensorData(*tr, batch_size=cfg.batch_size, train=True,
+                           crop_pad=cfg.crop_pad if aug else 0, hflip=cfg.hflip if aug else 0.0, **common)
+        val = TensorData(*va, batch_size=eval_bs, train=False, **common)
+        return train, val
+
+    from timm.data import create_dataset
+
+    train_tf, eval_tf = build_transforms(cfg)
+    name, root = ("", cfg.data) if not cfg.data.startswith(("hfds/", "hfids/", "wds/", "tfds/")) else (cfg.data, cfg.data_dir)
+    if name == "":
+        root_p = Path(root).expanduser()
+        if not root_p.is_dir():
+            raise MaskSubError(f"data path {root} is not a directory (an ImageFolder root)")
+    try:
+        kw = dict(root=root, search_split=True, input_img_mode="L" if cfg.in_chans == 1 else "RGB")
+        train_ds = create_dataset(name, split=cfg.train_split, is_training=True, **kw)
+        val_ds = create_dataset(name, split=cfg.val_split, is_training=False, **kw)
+        plain_ds = create_dataset(name, split=cfg.train_split, is_training=False, **kw)
+    except (FileNotFoundError, RuntimeError, AssertionError) as e:
+        raise MaskSubError(f"cannot read data set {cfg.data!r}: {e}") from None
+    train_ds.transform, val_ds.transform, plain_ds.transform = train_tf, eval_tf, eval_tf
+    if cfg.subset:
+        from torch.utils.data import Subset
+
+        train_ds = Subset(train_ds, range(min(cfg.subset, len(train_ds))))
+    if cfg.val_subset:
+        from torch.utils.data import Subset
+
+        val_ds = Subset(val_ds, range(min(cfg.val_subset, len(val_ds))))
+    common = dict(seed=cfg.seed, rank=rank, world=world, workers=cfg.workers, device=device,
+                  channels_last=cfg.channels_last)
+    train = LoaderData(train_ds, batch_size=cfg.batch_size, train=True, plain_dataset=plain_ds, **common)
+    val = LoaderData(val_ds, batch_size=eval_bs, train=False, **common)
+    return train, val

@@ -1,0 +1,525 @@
+"""The training loop: a recipe's parts from timm, the step from ``masksub.MaskSub``.
+
+Per optimizer update: ``accum_steps`` micro-batches through ``ms.backward`` (DDP sync on the
+last only), one non-finite check, clipping once on the summed gradient, one optimizer step.
+Losses stay on the device between log lines; the only per-step host sync is the non-finite
+check the policy needs. State that ``--resume`` restores is all in ``_state()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor, nn
+
+from .. import MaskSub
+from ..errors import MaskSubError
+from . import checkpoint as ckpt_mod
+from . import distributed as D
+from .build import (
+    build_criterion,
+    build_mixup,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    label_criterion,
+)
+from .config import Config
+from .data import build_data
+from .logging import RunLog, progress
+
+# Test hook: comma-separated optimizer-update indices whose loss is made NaN.
+NAN_ENV = "MASKSUB_TEST_NAN_STEPS"
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingStopped(MaskSubError):
+    """The run stopped on purpose (non-finite losses); a checkpoint was written first."""
+
+
+def _fmt_time(s: float) -> str:
+    m, s = divmod(int(round(s)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class Trainer:
+    """Build everything from a validated config (all bad input fails here), then ``run()``."""
+
+    def __init__(self, cfg: Config, *, resume: str | None = None, run_dir: str | None = None) -> None:
+        self.cfg = cfg
+        self.dist, self.device = D.setup(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed + self.dist.rank)
+        import random
+
+        import numpy as np
+
+        random.seed(cfg.seed + self.dist.rank)
+        np.random.seed(cfg.seed + self.dist.rank)
+
+        resume_ckpt = ckpt_mod.load(resume) if resume else None
+        model = build_model(cfg).to(self.device)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model_raw = model
+        amp_dtype = AMP_DTYPES[cfg.amp]
+        kind = "sigmoid" if cfg.bce else "softmax"
+        mode = None if cfg.sub == "none" else cfg.sub
+        self.ms = MaskSub(model, mode, cfg.ratio, family=cfg.family, order=cfg.order, kind=kind,
+                          amp_dtype=amp_dtype, **(cfg.family_options if mode else {}))
+        probe = torch.zeros(1, cfg.in_chans, cfg.img_size, cfg.img_size, device=self.device)
+        self.ms.validate(probe)  # e.g. an image size the mask patch / region does not divide
+        self.analysis_ms: MaskSub | None = None
+        if cfg.analysis:
+            same = mode == "mask" and self.ms.ratio == 0.5
+            self.analysis_ms = self.ms if same else MaskSub(
+                model, "mask", 0.5, family=cfg.family, kind=kind, amp_dtype=amp_dtype, **cfg.family_options)
+            self.analysis_ms.validate(probe)
+
+        self.optimizer = build_optimizer(cfg, model)
+        self.ema = None
+        if cfg.ema:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(model, decay=cfg.ema_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+
+        self.train_data, self.val_data = build_data(cfg, device=self.device, rank=self.dist.rank,
+                                                    world=self.dist.world)
+        self.updates_per_epoch = max(1, self.train_data.num_batches(0) // cfg.accum_steps)
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.updates_per_epoch)
+        self.mixup = build_mixup(cfg)
+        self.criterion = build_criterion(cfg)
+        self.eval_criterion = label_criterion(cfg)
+
+        net: nn.Module = model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            net = DDP(model, device_ids=ids, find_unused_parameters=self.analysis_ms not in (None, self.ms))
+        if cfg.compile:
+            net = torch.compile(net)
+        self.ms.model = net
+        if self.analysis_ms is not None:
+            self.analysis_ms.model = net
+
+        # progress state (what a checkpoint holds besides the modules)
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self.best_top1 = -1.0
+        self.best_epoch = -1
+        self.nonfinite_total = 0
+        self.nonfinite_run = 0
+        self.acc = self._new_acc()
+        self.last_eval: dict[str, Any] = {}
+        self.elapsed = 0.0
+        self._stop_signal: int | None = None
+
+        self.run_dir = Path(run_dir) if run_dir else None
+        if resume_ckpt is not None:
+            self._restore(resume_ckpt, resume)
+            if self.run_dir is None:
+                p = Path(resume)
+                self.run_dir = p if p.is_dir() else p.parent
+        if self.run_dir is None:
+            stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+            name = cfg.run_name or f"{cfg.recipe or 'run'}-{cfg.sub}-{stamp}"
+            self.run_dir = Path(cfg.output) / name
+        if self.dist.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self.log = RunLog(self.run_dir, enabled=self.dist.main, tensorboard=cfg.tensorboard)
+        nan = os.environ.get(NAN_ENV, "")
+        self.nan_steps = {int(s) for s in nan.split(",") if s.strip()}
+
+    # -- state -------------------------------------------------------------------------------
+    def _new_acc(self) -> dict[str, Any]:
+        z = torch.zeros((), device=self.device)
+        return {"loss_main": z.clone(), "loss_sub": z.clone(), "n": 0, "gn_main": z.clone(),
+                "gn_sub": z.clone(), "gn_n": 0, "skipped": 0, "time_s": 0.0}
+
+    def _state(self) -> dict[str, Any]:
+        rng = ckpt_mod.rng_state()
+        if self.dist.enabled:
+            import torch.distributed as dist
+
+            all_rng: list[Any] = [None] * self.dist.world
+            dist.all_gather_object(all_rng, rng)
+        else:
+            all_rng = [rng]
+        acc = {k: (v.detach().cpu() if isinstance(v, Tensor) else v) for k, v in self.acc.items()}
+        return {
+            "model_name": self.cfg.model,
+            "signature": ckpt_mod.model_signature(self.model_raw),
+            "model": self.model_raw.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+            "best_top1": self.best_top1, "best_epoch": self.best_epoch,
+            "nonfinite_total": self.nonfinite_total, "nonfinite_run": self.nonfinite_run,
+            "acc": acc, "elapsed": self.elapsed, "last_eval": self.last_eval,
+            "rng": all_rng, "world": self.dist.world, "config": self.cfg.to_dict(),
+        }
+
+    def _restore(self, ck: dict[str, Any], path: str | None) -> None:
+        ckpt_mod.check_model(ck, self.model_raw, self.cfg.model, path or "")
+        self.model_raw.load_state_dict(ck["model"])
+        try:
+            self.optimizer.load_state_dict(ck["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise MaskSubError(f"checkpoint {path}: optimizer state does not fit this optimizer ({e}); "
+                               "resume with the same opt / layer_decay") from None
+        self.scaler.load_state_dict(ck["scaler"]) if ck.get("scaler") else None
+        if self.ema is not None:
+            if ck.get("ema") is None:
+                raise MaskSubError(f"checkpoint {path} has no EMA weights but this run has ema: true")
+            self.ema.load_state_dict(ck["ema"])
+        for k in ("epoch", "step_in_epoch", "global_step", "best_top1", "best_epoch",
+                  "nonfinite_total", "nonfinite_run", "elapsed", "last_eval"):
+            setattr(self, k, ck[k])
+        self.acc = {k: (v.to(self.device) if isinstance(v, Tensor) else v) for k, v in ck["acc"].items()}
+        rngs = ck["rng"]
+        if ck.get("world") != self.dist.world:
+            print(f"masksub train: resuming a {ck.get('world')}-process run on {self.dist.world}: "
+                  "data order and random streams will differ from an uninterrupted run", file=sys.stderr)
+        ckpt_mod.set_rng_state(rngs[self.dist.rank % len(rngs)])
+
+    def save(self, name: str = "last.pt", state: dict[str, Any] | None = None) -> Path | None:
+        state = state or self._state()  # every rank joins the RNG gather
+        if not self.dist.main:
+            return None
+        return ckpt_mod.save(self.run_dir / name, state)
+
+    # -- signals -----------------------------------------------------------------------------
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: stop now
+        self._stop_signal = signum
+        if self.dist.main:
+            print(f"\nmasksub train: {signal.Signals(signum).name}: finishing this step, then "
+                  "writing a checkpoint", file=sys.stderr)
+
+    # -- pieces ------------------------------------------------------------------------------
+    def _criterion(self) -> Any:
+        if self.global_step in self.nan_steps:
+            return lambda logits, y: self.criterion(logits, y) * float("nan")
+        return self.criterion
+
+    def _update(self) -> tuple[bool, Any]:
+        """One optimizer update of ``accum_steps`` micro-batches; False if it was skipped."""
+        cfg, ms = self.cfg, self.ms
+        crit = self._criterion()
+        gn = (cfg.analysis and ms.branch is not None and not cfg.masking_only
+              and self.global_step % cfg.grad_norm_every == 0)
+        total = torch.zeros((), device=self.device)
+        lm = torch.zeros((), device=self.device)
+        ls = torch.zeros((), device=self.device)
+        gnm = gns = None
+        n_img = 0
+        for i in range(cfg.accum_steps):
+            x, y = next(self._it)
+            n_img += x.shape[0]
+            if self.mixup is not None:
+                x, y = self.mixup(x, y)
+            last = i == cfg.accum_steps - 1
+            scale = 1.0 / cfg.accum_steps
+            if cfg.masking_only:  # Eq. (2): the only branch sees masked input, learns the labels
+                net = ms.model
+                sync = contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()
+                with sync:
+                    loss = crit(ms.forward_sub(x), y)
+                    self.scaler.scale(loss * scale).backward()
+                loss = loss.detach()
+                total += loss
+                lm += loss
+            else:
+                out = ms.backward(x, y, crit, scaler=self.scaler if self.scaler.is_enabled() else None,
+                                  grad_norms=gn and last, sync=last, loss_scale=scale)
+                total += out.loss
+                lm += out.loss_main
+                if out.loss_sub is not None:
+                    ls += out.loss_sub
+                if out.grad_norm_main is not None:
+                    gnm, gns = out.grad_norm_main, out.grad_norm_sub
+        k = cfg.accum_steps
+        finite = bool(torch.isfinite(total).item())  # the one per-step sync: never step on NaN
+        finite = not D.any_flag(not finite, self.dist, self.device)
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler.is_enabled():
+                self.scaler.update(self.scaler.get_scale() * 0.5)
+            return False, None
+        self.scheduler.step_update(self.global_step)
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)
+        if cfg.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.model_raw.parameters(), cfg.clip_grad)
+        self.scaler.step(self.optimizer) if self.scaler.is_enabled() else self.optimizer.step()
+        if self.scaler.is_enabled():
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model_raw, step=self.global_step)
+        return True, (lm / k, ls / k, gnm, gns, n_img)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
+        """top-1 / top-5 / loss over the whole validation set, summed over ranks."""
+        model = model or self.ms.model
+        was = model.training
+        model.eval()
+        sums = torch.zeros(4, device=self.device, dtype=torch.float64)  # loss, top1, top5, n
+        amp = AMP_DTYPES[self.cfg.amp]
+        ctx = torch.autocast(self.device.type, dtype=amp) if amp else contextlib.nullcontext()
+        for x, y in self.val_data.iterate(0, 0):
+            with ctx:
+                logits = model(x)
+            logits = logits.float()
+            k = min(5, logits.shape[1])
+            top = logits.topk(k, dim=1).indices
+            hit = top == y[:, None]
+            sums += torch.stack([
+                self.eval_criterion(logits, y).double() * y.shape[0], hit[:, 0].sum().double(),
+                hit.any(1).sum().double(), torch.tensor(float(y.shape[0]), device=self.device, dtype=torch.float64),
+            ])
+        sums = D.all_sum(sums, self.dist)
+        model.train(was)
+        n = max(sums[3].item(), 1.0)
+        return {"top1": 100 * sums[1].item() / n, "top5": 100 * sums[2].item() / n,
+                "val_loss": sums[0].item() / n, "val_count": int(sums[3].item())}
+
+    @torch.no_grad()
+    def train_losses(self) -> dict[str, float]:
+        """Eq. (1) and Eq. (2) (50% mask) on a fixed, unaugmented training subset (Figure 2)."""
+        ams = self.analysis_ms
+        net = ams.model
+        was = net.training
+        net.eval()
+        sums = torch.zeros(3, device=self.device, dtype=torch.float64)
+        g = torch.get_rng_state()  # the analysis must not shift the training's random stream
+        gc = torch.cuda.get_rng_state() if self.device.type == "cuda" else None
+        torch.manual_seed(12345)
+        for x, y in self.train_data.plain(self.cfg.analysis_subset):
+            lu = self.eval_criterion(ams.forward_main(x).float(), y)
+            lmask = self.eval_criterion(ams.forward_sub(x).float(), y)
+            sums += torch.stack([lu.double() * len(y), lmask.double() * len(y),
+                                 torch.tensor(float(len(y)), device=self.device, dtype=torch.float64)])
+        torch.set_rng_state(g)
+        if gc is not None:
+            torch.cuda.set_rng_state(gc)
+        sums = D.all_sum(sums, self.dist)
+        net.train(was)
+        n = max(sums[2].item(), 1.0)
+        return {"train_loss_unmasked": sums[0].item() / n, "train_loss_masked": sums[1].item() / n}
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return self._run()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            self.log.close()
+
+    def _log_step(self, t0: float, imgs: int) -> None:
+        lm, ls = self._win["lm"], self._win["ls"]
+        n = max(self._win["n"], 1)
+        dt = max(time.perf_counter() - t0, 1e-9)
+        rec = {"kind": "step", "step": self.global_step, "epoch": self.epoch,
+               "loss_main": (lm / n).item(),
+               "loss_sub": (ls / n).item() if self.ms.branch is not None and not self.cfg.masking_only else None,
+               "lr": self.optimizer.param_groups[0]["lr"],
+               "imgs_per_s": imgs * self.dist.world / dt, "skipped_nonfinite": self.nonfinite_total}
+        self.log.write(rec, tb_step=self.global_step)
+        return rec
+
+    def _run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        main = self.dist.main
+        t_start = time.perf_counter() - self.elapsed
+        stopped: str | None = None
+        upe = self.updates_per_epoch
+        if main:
+            where = f"resuming at epoch {self.epoch + 1}, step {self.global_step}" if self.global_step else "starting"
+            n_params = sum(p.numel() for p in self.model_raw.parameters()) / 1e6
+            print(f"masksub train: {cfg.recipe or cfg.model} ({n_params:.2f}M params), sub={cfg.sub}"
+                  f"{'' if self.ms.branch is None else f' ratio={self.ms.ratio}'}, {cfg.epochs} epochs x "
+                  f"{upe} steps, {self.device.type} x{self.dist.world}; {where}; run dir {self.run_dir}",
+                  file=sys.stderr)
+        while self.epoch < cfg.epochs and stopped is None:
+            ep_t0 = time.perf_counter()
+            self.ms.model.train()
+            self._it = self.train_data.iterate(self.epoch, self.step_in_epoch * cfg.accum_steps)
+            bar = progress(upe, f"epoch {self.epoch + 1}/{cfg.epochs}", enabled=main and cfg.progress,
+                           initial=self.step_in_epoch)
+            self._win = {"lm": torch.zeros((), device=self.device), "ls": torch.zeros((), device=self.device), "n": 0}
+            win_t0, win_imgs = time.perf_counter(), 0
+            while self.step_in_epoch < upe:
+                ok, res = self._update()
+                if ok:
+                    lm, ls, gnm, gns, n_img = res
+                    self.acc["loss_main"] += lm
+                    self.acc["loss_sub"] += ls
+                    self.acc["n"] += 1
+                    self._win["lm"] += lm
+                    self._win["ls"] += ls
+                    self._win["n"] += 1
+                    win_imgs += n_img
+                    if gnm is not None:
+                        self.acc["gn_main"] += gnm.to(self.device)
+                        self.acc["gn_sub"] += gns.to(self.device)
+                        self.acc["gn_n"] += 1
+                    self.nonfinite_run = 0
+                else:
+                    self.nonfinite_total += 1
+                    self.nonfinite_run += 1
+                    self.acc["skipped"] += 1
+                    if main:
+                        print(f"masksub train: non-finite loss at step {self.global_step} (epoch "
+                              f"{self.epoch + 1}); step skipped ({self.nonfinite_run} in a row)", file=sys.stderr)
+                self.global_step += 1
+                self.step_in_epoch += 1
+                bar.update(1)
+                if self.nonfinite_run >= cfg.nonfinite_max:
+                    bar.close()
+                    first = self.global_step - self.nonfinite_run
+                    self.save()
+                    raise TrainingStopped(
+                        f"the loss was not finite for {self.nonfinite_run} steps in a row (steps {first}"
+                        f"-{self.global_step - 1}); stopped at step {self.global_step - 1}. The weights in "
+                        f"{self.run_dir / 'last.pt'} are from before step {first} (no NaN was applied). "
+                        "Lower lr, raise warmup_epochs, set clip_grad, or use bf16 instead of fp16"
+                    )
+                if self._win["n"] and self.global_step % cfg.log_every == 0:
+                    rec = self._log_step(win_t0, win_imgs)
+                    if main and cfg.progress:
+                        bar.set_postfix(loss=f"{rec['loss_main']:.3f}", lr=f"{rec['lr']:.2e}", refresh=False)
+                    self._win = {"lm": torch.zeros((), device=self.device),
+                                 "ls": torch.zeros((), device=self.device), "n": 0}
+                    win_t0, win_imgs = time.perf_counter(), 0
+                end_of_epoch = self.step_in_epoch >= upe
+                sig = D.any_flag(self._stop_signal is not None, self.dist, self.device)
+                if sig:
+                    stopped = "signal"
+                elif cfg.max_steps and self.global_step >= cfg.max_steps and not end_of_epoch:
+                    stopped = "max_steps"
+                elif cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0 and not end_of_epoch:
+                    self.acc["time_s"] += time.perf_counter() - ep_t0
+                    ep_t0 = time.perf_counter()
+                    self.elapsed = time.perf_counter() - t_start
+                    self.save()
+                if stopped:
+                    break
+            bar.close()
+            self.acc["time_s"] += time.perf_counter() - ep_t0
+            if stopped:
+                break
+            self._end_epoch()
+            self.elapsed = time.perf_counter() - t_start
+            self.save()
+            if self.last_eval.get("is_best"):
+                self.save("best.pt")
+            if cfg.max_steps and self.global_step >= cfg.max_steps and self.epoch < cfg.epochs:
+                stopped = "max_steps"
+        self.elapsed = time.perf_counter() - t_start
+        if stopped:
+            self.save()
+            msg = {"signal": f"stopped by {signal.Signals(self._stop_signal).name if self._stop_signal else 'a signal'}",
+                   "max_steps": f"stopped at max_steps={cfg.max_steps}"}[stopped]
+            if main:
+                print(f"masksub train: {msg} at step {self.global_step}; checkpoint written; "
+                      f"continue with: masksub train --resume {self.run_dir}", file=sys.stderr)
+        return self._summary(stopped)
+
+    def _end_epoch(self) -> None:
+        cfg = self.cfg
+        losses = torch.stack([self.acc["loss_main"], self.acc["loss_sub"],
+                              torch.tensor(float(self.acc["n"]), device=self.device)]).double()
+        losses = D.all_sum(losses, self.dist)
+        rec: dict[str, Any] = {"kind": "epoch", "epoch": self.epoch + 1, "step": self.global_step}
+        denom = max(losses[2].item(), 1.0)
+        rec["loss_main"] = losses[0].item() / denom
+        rec["loss_sub"] = (losses[1].item() / denom) if self.ms.branch is not None and not cfg.masking_only else None
+        do_eval = (self.epoch + 1) % cfg.eval_every == 0 or self.epoch + 1 == cfg.epochs
+        if do_eval:
+            rec.update(self.evaluate())
+            if self.ema is not None:
+                e = self.evaluate(self.ema.module)
+                rec.update({"ema_top1": e["top1"], "ema_top5": e["top5"], "ema_val_loss": e["val_loss"]})
+            if cfg.analysis:
+                rec.update(self.train_losses())
+        if cfg.analysis and self.acc["gn_n"]:
+            g = D.all_sum(torch.stack([self.acc["gn_main"], self.acc["gn_sub"]]).double(), self.dist)
+            g = g / (self.acc["gn_n"] * self.dist.world)
+            rec["grad_norm_main"], rec["grad_norm_sub"] = g[0].item(), g[1].item()
+        rec["lr"] = self.optimizer.param_groups[0]["lr"]
+        rec["time_s"] = self.acc["time_s"]
+        rec["skipped_nonfinite"] = self.acc["skipped"]
+        rec["world_size"] = self.dist.world
+        rec["train_steps"] = int(losses[2].item())  # updates summed over ranks
+        score = max(rec.get("top1", -1.0), rec.get("ema_top1", -1.0))
+        rec["is_best"] = do_eval and score > self.best_top1
+        if rec["is_best"]:
+            self.best_top1, self.best_epoch = score, self.epoch + 1
+        self.log.write(rec, tb_step=self.epoch + 1)
+        if self.dist.main:
+            parts = [f"epoch {self.epoch + 1}/{cfg.epochs}", f"loss {rec['loss_main']:.4f}"]
+            if rec["loss_sub"] is not None:
+                parts.append(f"sub {rec['loss_sub']:.4f}")
+            if "top1" in rec:
+                parts.append(f"top-1 {rec['top1']:.2f}%")
+            if "ema_top1" in rec:
+                parts.append(f"ema {rec['ema_top1']:.2f}%")
+            parts.append(_fmt_time(rec["time_s"]))
+            print("masksub train: " + ", ".join(parts), file=sys.stderr)
+        self.last_eval = rec
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self.acc = self._new_acc()
+
+    def _summary(self, stopped: str | None) -> dict[str, Any]:
+        ev = self.last_eval
+        s = {"run_dir": str(self.run_dir), "recipe": self.cfg.recipe, "model": self.cfg.model,
+             "sub": self.cfg.sub, "ratio": self.ms.ratio if self.ms.branch is not None else None,
+             "masking_only": self.cfg.masking_only, "epochs_done": self.epoch, "steps": self.global_step,
+             "top1": ev.get("top1"), "top5": ev.get("top5"), "ema_top1": ev.get("ema_top1"),
+             "best_top1": self.best_top1 if self.best_top1 >= 0 else None, "best_epoch": self.best_epoch,
+             "train_loss_unmasked": ev.get("train_loss_unmasked"), "train_loss_masked": ev.get("train_loss_masked"),
+             "skipped_nonfinite": self.nonfinite_total, "time_s": self.elapsed, "stopped": stopped,
+             "world_size": self.dist.world}
+        if self.dist.main:
+            (self.run_dir / "summary.json").write_text(json.dumps(s, indent=2) + "\n")
+            if not stopped:
+                top1 = "n/a" if s["top1"] is None else f"{s['top1']:.2f}%"
+                top5 = "n/a" if s["top5"] is None else f"{s['top5']:.2f}%"
+                print(f"masksub train: done: top-1 {top1}, top-5 {top5} "
+                      f"(best {s['best_top1'] or 0:.2f}% at epoch {self.best_epoch}), {self.epoch} epochs, "
+                      f"{self.global_step} steps in {_fmt_time(self.elapsed)}; run dir {self.run_dir}")
+        return s
+
+
+def train(cfg: Config, *, resume: str | None = None, run_dir: str | None = None) -> dict[str, Any]:
+    """Build, run, tear down: the whole ``masksub train``; returns the summary dict."""
+    trainer = None
+    try:
+        trainer = Trainer(cfg, resume=resume, run_dir=run_dir)
+        return trainer.run()
+    finally:
+        D.teardown()
+

@@ -59,6 +59,7 @@ def logits_of(out: Any) -> Tensor:
 
 
 def _grads(params: list[nn.Parameter]) -> list[Tensor | None]:
+    """Copies of the current gradients (None stays None: nothing to copy after zero_grad)."""
     return [None if p.grad is None else p.grad.detach().clone() for p in params]
 
 
@@ -208,14 +209,16 @@ class MaskSub:
                 before = _grads(params) if grad_norms else None
                 _bw(loss_main * wm)
             main = main.detach()
-            mid = _grads(params) if grad_norms else None
+            if grad_norms:  # the main part now, before the sub backward adds to .grad
+                norm_main = _norm_of_diff(params, before, scale)
+                mid = _grads(params)
             with no_sync() if not sync else contextlib.nullcontext():
                 sub = self.forward_sub(x)
                 loss_sub = relaxed_loss(sub, main, self.kind)
                 _bw(loss_sub * ws)
             out = StepOutput(main, loss_main.detach(), loss_sub.detach(), sub.detach())
             if grad_norms:
-                out.grad_norm_main = _norm_of_diff(params, before, scale)
+                out.grad_norm_main = norm_main
                 out.grad_norm_sub = _norm_of_diff(params, mid, scale)
         else:
             if grad_norms:

@@ -40,19 +40,24 @@ __all__ = [
 ]
 
 
+# Families that work for any model: chosen by mode, so a mask family named beside them is moot.
+_ANY_MODEL: dict[str, type[Family]] = {"dropout": DropSub, "droppath": PathSub}
+
+
 def build_branch(model: nn.Module, mode: str = "mask", family: str | None = None, **options: Any) -> Family:
     """The family adapter for ``model`` and ``mode``; explicit ``family=`` overrides detection."""
     if mode not in MODES:
         raise MaskSubError(f"mode must be one of {MODES}, got {mode!r}")
     inner = unwrap(model)
+    named = None if family is None else _ANY_MODEL.get(family) or get_family(family)  # typos fail
     if mode == "dropout":
         cls: type[Family] = DropSub
     elif mode == "droppath":
         cls = PathSub
     elif "mask_fn" in options:
         cls = get_family("custom")
-    elif family is not None:
-        cls = get_family(family)
+    elif named is not None:
+        cls = named
     else:
         cls = detect_family(inner)
     if mode not in cls.modes:
@@ -76,6 +81,8 @@ def sub_branch(model: nn.Module, mode: str = "mask", ratio: float | None = None,
     increase (``droppath``); ``None`` takes the paper's value for the family.
     """
     branch = family if isinstance(family, Family) else build_branch(model, mode, family, **family_options)
+    if mode not in branch.modes:
+        raise MaskSubError(f"family {branch.name!r} does not support mode {mode!r}; it supports {branch.modes}")
     r = resolve_ratio(mode, ratio, type(branch))
     inner = unwrap(model)
     if not isinstance(branch, MaskTokenFamily):  # that one warns if it must add its token here

@@ -23,7 +23,7 @@ def dropout_rates(model):
     lambda: tiny_vit(img_size=32, drop_rate=0.1, attn_drop_rate=0.05),
     lambda: tiny_bert(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.0),
     lambda: tiny_resnet(drop_rate=0.0),
-])
+], ids=["timm_vit", "hf_bert", "timm_resnet_float_rate"])
 def test_dropsub_sets_every_dropout_and_restores(make):
     model = make()
     before = dropout_rates(model)

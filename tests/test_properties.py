@@ -120,3 +120,51 @@ def test_check_ratio_accepts_exactly_unit_interval(value):
     else:
         with pytest.raises(MaskSubError):
             check_ratio(value)
+
+
+REAL = settings(max_examples=10, deadline=None)
+
+
+@REAL
+@given(reg=st.integers(0, 4), cls=st.booleans(), batch=st.integers(1, 3), ratio=ratios)
+def test_real_vit_prefix_counts(reg, cls, batch, ratio):
+    from conftest import tiny_vit
+
+    if not cls and not reg:
+        kw = dict(class_token=False, global_pool="avg")
+    else:
+        kw = dict(class_token=cls, reg_tokens=reg, global_pool="token" if cls else "avg")
+    torch.manual_seed(0)
+    model = tiny_vit(img_size=32, **kw)  # 2x2 = 4 patch tokens
+    prefix = int(cls) + reg
+    assert model.num_prefix_tokens == prefix
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    x = torch.randn(batch, 3, 32, 32)
+    model(x)
+    from masksub import sub_branch
+
+    with sub_branch(model, "mask", ratio):
+        out = model(x)
+    assert seen[1].shape == (batch, prefix + kept_count(4, ratio), 32)
+    assert torch.equal(seen[1][:, :prefix], seen[0][:, :prefix])
+    assert torch.isfinite(out).all()
+
+
+@REAL
+@given(batch=st.integers(2, 3), gh=st.integers(1, 3), gw=st.integers(1, 3), ratio=ratios,
+       amp=st.sampled_from([None, torch.bfloat16]), order=st.sampled_from(["memory", "fused"]))
+def test_real_resnet_step_any_size(batch, gh, gw, ratio, amp, order):
+    """Batch >= 2: BatchNorm needs two values per channel at a 1x1 feature map."""
+    from conftest import tiny_resnet
+    from torch import nn
+
+    from masksub import MaskSub
+
+    model = tiny_resnet()
+    ms = MaskSub(model, "mask", ratio, patch_size=16, amp_dtype=amp, order=order)
+    y = torch.zeros(batch, dtype=torch.long)
+    out = ms.backward(torch.randn(batch, 3, 16 * gh, 16 * gw), y, nn.CrossEntropyLoss())
+    assert out.main_logits.shape == (batch, 5)
+    assert torch.isfinite(out.loss) and out.loss.dtype == torch.float32
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

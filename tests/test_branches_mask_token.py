@@ -110,3 +110,22 @@ def test_sub_branch_context_warns_when_token_made_late():
     with pytest.warns(UserWarning, match="not in your optimizer"), sub_branch(model, "mask", 0.5):
         model(torch.randn(1, 3, 64, 64))
     assert hasattr(model, TOKEN_NAME)
+
+
+@pytest.mark.parametrize(("name", "channels_first"), [("swinv2_cr_tiny_224", True),
+                                                      ("swinv2_tiny_window8_256", False)])
+def test_swin_v2_variants_token_layout(name, channels_first):
+    import timm
+
+    model = timm.create_model(name, pretrained=False, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1),
+                              embed_dim=16, img_size=64, window_size=2, num_classes=5)
+    ms = MaskSub(model, "mask", 0.5)
+    assert ms.branch.name == "swin"
+    main, sub = patch_embed_outputs(model, ms, torch.randn(2, 3, 64, 64))
+    if channels_first:  # 16 channels on a 16x16 grid: the layout cannot be guessed from shapes
+        main, sub = main.permute(0, 2, 3, 1), sub.permute(0, 2, 3, 1)
+    m = masked_positions(main, sub, getattr(model, TOKEN_NAME))
+    assert m.shape == (2, 16, 16)
+    assert m.float().mean(dim=(1, 2)).tolist() == [0.5, 0.5]
+    regions = m.view(2, 2, 8, 2, 8)
+    assert (regions == regions[:, :, :1, :, :1]).all()

@@ -41,6 +41,19 @@ def _embed_dim(model: nn.Module) -> int:
     return dim
 
 
+def _channels_first(model: nn.Module, out: Tensor) -> bool:
+    """A 4-d patch_embed output is NHWC (timm Swin) or NCHW (SwinV2Cr); timm says which in
+    ``patch_embed.output_fmt`` or by the model class, otherwise the token width decides."""
+    fmt = getattr(model.patch_embed, "output_fmt", None)
+    fmt = getattr(fmt, "value", fmt)
+    if fmt in ("NCHW", "NHWC"):
+        return fmt == "NCHW"
+    if type(model).__name__ == "SwinTransformerV2Cr":  # its own PatchEmbed, always NCHW
+        return True
+    dim = getattr(model, TOKEN_NAME).shape[0]
+    return out.shape[-1] != dim and out.shape[1] == dim
+
+
 def ensure_mask_token(model: nn.Module, dim: int) -> nn.Parameter:
     token = getattr(model, TOKEN_NAME, None)
     if token is None:
@@ -99,8 +112,8 @@ class MaskTokenFamily(Family):
             self._check_size(model, (x.shape[-2], x.shape[-1]))
 
     def _grid(self, model: nn.Module, out: Tensor) -> tuple[int, int]:
-        if out.ndim == 4:  # NHWC (Swin)
-            return out.shape[1], out.shape[2]
+        if out.ndim == 4:
+            return (out.shape[2], out.shape[3]) if _channels_first(model, out) else (out.shape[1], out.shape[2])
         n = out.shape[1]
         grid = getattr(model.patch_embed, "grid_size", None)
         if grid is not None and grid[0] * grid[1] == n:
@@ -137,6 +150,8 @@ class MaskTokenFamily(Family):
         def hook(module: nn.Module, args: Any, out: Tensor) -> Tensor:
             grid = self._grid(model, out)
             mask = self.make_mask(model, out.shape[0], grid, ratio, out.device)
+            if out.ndim == 4 and _channels_first(model, out):  # NCHW (timm SwinTransformerV2Cr)
+                return torch.where(mask.unsqueeze(1), token.to(out.dtype).view(1, -1, 1, 1), out)
             mask = mask.view(out.shape[0], *out.shape[1:-1], 1)
             return torch.where(mask, token.to(out.dtype), out)
 
@@ -160,7 +175,7 @@ class BeitMaskToken(MaskTokenFamily):
 
 
 class SwinMaskToken(MaskTokenFamily):
-    """timm ``SwinTransformer`` (and V2): mask token on 32x32-pixel regions."""
+    """timm ``SwinTransformer``, V2 and V2Cr: mask token on 32x32-pixel regions."""
 
     name = "swin"
     region_px_default = 32

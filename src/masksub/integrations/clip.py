@@ -1,0 +1,198 @@
+"""MaskSub for open_clip models (the paper's CLIP pretraining, Table 12).
+
+Main branch: the usual contrastive loss (``open_clip.ClipLoss``) on full images and texts.
+Sub-branch: the same model with 50% of the image patch tokens removed in the vision tower
+(MAE style, class token kept), through open_clip's own ``patch_dropout`` slot, the way the
+core's "vit" family uses timm's ``patch_drop``. Its similarity logits learn, in both
+directions, the softmax of the main branch's detached logits (Eq. 3 on ``logits_per_image``
+and on ``logits_per_text``, averaged like ClipLoss averages its two directions).
+
+Only the images are masked, so the sub-branch's text features equal the main ones. By default
+(``text="shared"``) they are reused *with* their graph: the sub-branch is the whole model with
+masked images, as in the paper, and its loss also trains the text tower; one backward on the
+weighted sum then does both branches. ``text="detached"`` reuses them detached: the sub loss
+trains only the image tower (and the logit scale), which allows the memory-saving order (main
+backward first, then the half-cost masked vision forward + backward); under DDP that order
+leaves the text tower without gradient in the second backward, so build DDP with
+``find_unused_parameters=True`` for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..branches import resolve_ratio, sub_branch, unwrap
+from ..branches.vit import TokenRemoval
+from ..errors import MaskSubError
+from ..loss import relaxed_loss
+
+TEXT_MODES = ("shared", "detached")
+
+
+@contextlib.contextmanager
+def masked_image_tower(model: nn.Module, ratio: float = 0.5) -> Iterator[nn.Module]:
+    """Inside, the model's vision tower keeps the class token and ``1 - ratio`` of the patches.
+
+    open_clip ``VisionTransformer``: its ``patch_dropout`` slot (applied right after the
+    position embedding, active in train mode only) holds a ``TokenRemoval``. A timm vision
+    tower (``TimmModel``) goes through the core's "vit" family on its ``trunk``.
+    """
+    visual = getattr(unwrap(model), "visual", None)
+    if visual is None:
+        raise MaskSubError(f"{type(unwrap(model)).__name__} has no .visual tower; pass an open_clip CLIP model")
+    if hasattr(visual, "patch_dropout") and hasattr(visual, "positional_embedding"):
+        old = visual.patch_dropout
+        prefix = 0 if getattr(visual, "class_embedding", None) is None else 1
+        visual.patch_dropout = TokenRemoval(ratio, prefix)
+        try:
+            yield model
+        finally:
+            visual.patch_dropout = old
+    elif hasattr(getattr(visual, "trunk", None), "patch_drop"):
+        with sub_branch(visual.trunk, "mask", ratio, family="vit"):
+            yield model
+    else:
+        raise MaskSubError(
+            f"cannot remove image tokens in {type(visual).__name__}: masksub supports open_clip's "
+            "VisionTransformer (patch_dropout slot) and timm ViT towers (trunk.patch_drop); ModifiedResNet "
+            "towers have no tokens to drop"
+        )
+
+
+@dataclass
+class ClipStepOutput:
+    """Detached results of one step; losses before the 1/2 weights."""
+
+    loss_main: Tensor
+    loss_sub: Tensor | None
+    loss: Tensor
+    logits_per_image: Tensor
+
+
+def clip_features(model: nn.Module, images: Tensor | None, texts: Tensor | None) -> tuple[Any, Any, Tensor, Any]:
+    """(image_features, text_features, logit_scale, logit_bias) from an open_clip forward."""
+    out = model(images, texts)
+    if isinstance(out, Mapping):
+        return out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias")
+    if isinstance(out, (tuple, list)) and len(out) in (3, 4):
+        return out[0], out[1], out[2], (out[3] if len(out) == 4 else None)
+    raise MaskSubError(f"unexpected open_clip output {type(out).__name__}; expected CLIP features and logit_scale")
+
+
+class ClipMaskSub:
+    """One MaskSub step for an open_clip model, in the user's loop.
+
+    >>> ms = ClipMaskSub(model, ratio=0.5)            # mode="none" for the plain CLIP step
+    >>> out = ms.backward(images, texts)                # grads of (loss_main + loss_sub) / 2
+    >>> optimizer.step(); optimizer.zero_grad()
+
+    ``loss`` is an ``open_clip.ClipLoss`` (pass yours for rank / world_size: its logit
+    gathering is reused for both branches). Clipping, the optimizer step and clamping the
+    logit scale stay with the caller.
+    """
+
+    def __init__(self, model: nn.Module, mode: str | None = "mask", ratio: float | None = None, *,
+                 text: str = "shared", loss: nn.Module | None = None, main_weight: float = 0.5,
+                 sub_weight: float = 0.5, amp_dtype: torch.dtype | None = None) -> None:
+        import open_clip
+
+        if mode not in (None, "none", "mask"):
+            raise MaskSubError(f"the CLIP step supports mode 'mask' or 'none', got {mode!r}")
+        if text not in TEXT_MODES:
+            raise MaskSubError(f"text must be one of {TEXT_MODES}, got {text!r}")
+        self.loss_fn = loss if loss is not None else open_clip.ClipLoss()
+        if not (hasattr(self.loss_fn, "get_logits") and hasattr(self.loss_fn, "get_ground_truth")):
+            raise MaskSubError("loss must be an open_clip.ClipLoss (or subclass): its get_logits is reused")
+        if getattr(unwrap(model), "logit_bias", None) is not None:
+            raise MaskSubError("this model has a logit_bias (SigLIP): its sigmoid loss is not the softmax "
+                               "contrastive loss the CLIP sub-branch learns from; use a CLIP model")
+        self.model = model
+        self.mode = None if mode in (None, "none") else "mask"
+        self.ratio = resolve_ratio("mask", ratio if ratio is not None else 0.5) if self.mode else 0.0
+        if self.mode is None and ratio is not None:
+            raise MaskSubError("mode='none' has no sub-branch: drop ratio or set mode='mask'")
+        self.text = text
+        self.main_weight, self.sub_weight = float(main_weight), float(sub_weight)
+        self.amp_dtype = amp_dtype
+        self._check_tower()
+
+    def _check_tower(self) -> None:
+        if self.mode is not None:
+            with masked_image_tower(self.model, self.ratio):
+                pass
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        device = next(self.model.parameters()).device.type
+        return torch.autocast(device_type=device, dtype=self.amp_dtype)
+
+    def logits(self, img: Tensor, txt: Tensor, scale: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+        return self.loss_fn.get_logits(img, txt, scale, bias)
+
+    def contrastive(self, lpi: Tensor, lpt: Tensor) -> Tensor:
+        """ClipLoss's own loss on already computed logits (mean of both directions)."""
+        labels = self.loss_fn.get_ground_truth(lpi.device, lpi.shape[0])
+        return (nn.functional.cross_entropy(lpi.float(), labels) + nn.functional.cross_entropy(lpt.float(), labels)) / 2
+
+    def relaxed(self, sub: tuple[Tensor, Tensor], main: tuple[Tensor, Tensor]) -> Tensor:
+        """Eq. (3) image->text and text->image, averaged."""
+        return (relaxed_loss(sub[0], main[0]) + relaxed_loss(sub[1], main[1])) / 2
+
+    def backward(self, images: Tensor, texts: Tensor, *, scaler: torch.amp.GradScaler | None = None,
+                 sync: bool = True, loss_scale: float = 1.0) -> ClipStepOutput:
+        """Main and sub forward + backward; the gradients of both losses end summed in ``.grad``."""
+        model = self.model
+        is_ddp = hasattr(model, "no_sync") and hasattr(model, "require_backward_grad_sync")
+        no_sync = model.no_sync if is_ddp else contextlib.nullcontext
+
+        def bw(loss: Tensor) -> None:
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+
+        outer = no_sync() if not sync else contextlib.nullcontext()
+        with outer:
+            with self._autocast():
+                img, txt, scale, bias = clip_features(model, images, texts)
+                main = self.logits(img, txt, scale, bias)
+                loss_main = self.contrastive(*main)
+            main_d = (main[0].detach(), main[1].detach())
+            if self.mode is None:
+                bw(loss_main * loss_scale)
+                return ClipStepOutput(loss_main.detach(), None, loss_main.detach(), main_d[0])
+            wm, ws = self.main_weight * loss_scale, self.sub_weight * loss_scale
+            if self.text == "shared":
+                with self._autocast(), masked_image_tower(model, self.ratio):
+                    img_s, _, scale_s, bias_s = clip_features(model, images, None)
+                    sub = self.logits(img_s, txt, scale_s, bias_s)
+                loss_sub = self.relaxed(sub, main_d)
+                bw(loss_main * wm + loss_sub * ws)
+            else:
+                txt_d = txt.detach()
+                # memory order: free the main graph before the masked forward
+                with no_sync() if (is_ddp and sync) else contextlib.nullcontext():
+                    bw(loss_main * wm)
+                del img, txt, main
+                with self._autocast(), masked_image_tower(model, self.ratio):
+                    img_s, _, scale_s, bias_s = clip_features(model, images, None)
+                    sub = self.logits(img_s, txt_d, scale_s, bias_s)
+                loss_sub = self.relaxed(sub, main_d)
+                bw(loss_sub * ws)
+        lm, ls = loss_main.detach(), loss_sub.detach()
+        return ClipStepOutput(lm, ls, lm * self.main_weight + ls * self.sub_weight, main_d[0])
+
+
+def clamp_logit_scale(model: nn.Module, max_scale: float = 100.0) -> None:
+    """open_clip's training clamps the learned temperature at ln(100) after each step."""
+    inner = unwrap(model)
+    with torch.no_grad():
+        inner.logit_scale.clamp_(0, float(torch.log(torch.tensor(max_scale))))
+
+
+__all__ = ["ClipMaskSub", "ClipStepOutput", "TEXT_MODES", "clamp_logit_scale", "clip_features",
+           "masked_image_tower"]

@@ -47,9 +47,15 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
         import yaml
 
         conf = yaml.safe_load(cfg.read_text()) or {}
-        label = conf.get("label") or label
         seed = conf.get("seed")
+        label = conf.get("label") or _strip_seed(label, seed)
     return {"dir": str(d), "label": label, "seed": seed, "epochs": epochs}
+
+
+def _strip_seed(name: str, seed: Any) -> str:
+    """``masksub-seed1`` -> ``masksub``: seeds of one setting share a colour."""
+    suffix = f"-seed{seed}"
+    return name[: -len(suffix)] if seed is not None and name.endswith(suffix) else name
 
 
 def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, title: str | None = None) -> list[Path]:

@@ -1,0 +1,234 @@
+"""``masksub clip``: train an open_clip model on image-text files, baseline or MaskSub.
+
+Data (``--data``, and optionally ``--val-data``): a CSV/TSV with a header naming an image
+column (``filepath``, ``image``, ``path`` or ``--img-key``) and a caption column (``title``,
+``caption``, ``text`` or ``--caption-key``), image paths relative to the file; or a folder of
+``NAME.jpg|png|...`` + ``NAME.txt`` pairs. Model: an open_clip name (``ViT-B-32``) or a JSON
+model config file (``{"embed_dim": ..., "vision_cfg": {...}, "text_cfg": {...}}``); weights from
+``--pretrained`` (an open_clip tag or a local file) or random. Writes ``OUT/log.jsonl`` and
+``OUT/checkpoint.pt`` (every epoch; ``--resume`` continues from it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import MaskSubError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+IMG_KEYS = ("filepath", "image", "path", "image_path", "file")
+CAPTION_KEYS = ("title", "caption", "text", "captions")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="CSV/TSV of image path + caption, or a folder of image + .txt pairs")
+    p.add_argument("--val-data", default=None, help="same format; reports image<->text retrieval top-1")
+    p.add_argument("--model", default="ViT-B-32", help="open_clip model name or a JSON model config file")
+    p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or local checkpoint (default: random init)")
+    p.add_argument("--sub", default="mask", choices=["none", "mask"], help="none: plain CLIP; mask: MaskSub")
+    p.add_argument("--ratio", type=float, default=None, help="image token removal ratio of the sub-branch (0.5)")
+    p.add_argument("--text", default="shared", choices=["shared", "detached"],
+                   help="sub-branch text features: shared with the main graph (default) or detached")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-steps", type=int, default=0, help="stop after N steps (0: all epochs)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--wd", type=float, default=0.2)
+    p.add_argument("--warmup", type=int, default=100, help="warm-up steps before cosine decay")
+    p.add_argument("--grad-clip", type=float, default=0.0)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--img-key", default=None)
+    p.add_argument("--caption-key", default=None)
+    p.add_argument("--out", default="runs/clip")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+
+
+def read_pairs(source: str, img_key: str | None = None, caption_key: str | None = None) -> list[tuple[Path, str]]:
+    """(image path, caption) pairs from a CSV/TSV file or a folder of image + .txt pairs."""
+    src = Path(source)
+    if src.is_dir():
+        pairs = []
+        for img in sorted(src.iterdir()):
+            txt = img.with_suffix(".txt")
+            if img.suffix.lower() in IMAGE_SUFFIXES and txt.is_file():
+                pairs.append((img, txt.read_text(encoding="utf-8").strip()))
+        if not pairs:
+            raise MaskSubError(f"{source} holds no image + .txt pairs (NAME.jpg with NAME.txt)")
+        return pairs
+    if not src.is_file():
+        raise MaskSubError(f"--data {source} is neither a file nor a folder")
+    with open(src, newline="", encoding="utf-8") as f:
+        sample = f.read(4096)
+        f.seek(0)
+        delim = "\t" if src.suffix == ".tsv" or sample.count("\t") > sample.count(",") else ","
+        reader = csv.DictReader(f, delimiter=delim)
+        cols = reader.fieldnames or []
+        ik = img_key or next((k for k in IMG_KEYS if k in cols), None)
+        ck = caption_key or next((k for k in CAPTION_KEYS if k in cols), None)
+        if ik not in cols or ck not in cols:
+            raise MaskSubError(
+                f"{source}: need an image column ({'/'.join(IMG_KEYS)}) and a caption column "
+                f"({'/'.join(CAPTION_KEYS)}), or --img-key/--caption-key; the header is {cols}"
+            )
+        pairs = [(src.parent / row[ik], row[ck]) for row in reader]
+    missing = [str(p) for p, _ in pairs if not p.is_file()]
+    if missing:
+        raise MaskSubError(f"{len(missing)} image(s) listed in {source} do not exist, e.g. {missing[0]}")
+    if not pairs:
+        raise MaskSubError(f"{source} lists no image-text pairs")
+    return pairs
+
+
+class PairDataset(torch.utils.data.Dataset):
+    def __init__(self, pairs: list[tuple[Path, str]], transform: Any, tokenizer: Any) -> None:
+        self.pairs, self.transform, self.tokenizer = pairs, transform, tokenizer
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from PIL import Image
+
+        path, caption = self.pairs[i]
+        with Image.open(path) as im:
+            image = self.transform(im.convert("RGB"))
+        return image, self.tokenizer([caption])[0]
+
+
+def model_name(spec: str) -> str:
+    """An open_clip name; a JSON config file is registered under its stem first."""
+    import open_clip
+
+    p = Path(spec)
+    if p.suffix == ".json":
+        if not p.is_file():
+            raise MaskSubError(f"model config {spec} does not exist")
+        try:
+            cfg = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise MaskSubError(f"model config {spec} is not valid JSON: {e}") from e
+        if not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
+            raise MaskSubError(f"model config {spec} needs embed_dim, vision_cfg and text_cfg")
+        open_clip.add_model_config(p)
+        return p.stem
+    if spec not in open_clip.list_models():
+        raise MaskSubError(f"unknown open_clip model {spec!r}; give a name from open_clip.list_models() or a .json config")
+    return spec
+
+
+def param_groups(model: torch.nn.Module, wd: float) -> list[dict]:
+    """open_clip's split: no weight decay on gains, biases, embeddings-like 1-d params, logit scale."""
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n else decay).append(p)
+    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def retrieval_top1(model: torch.nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
+    """Image->text and text->image top-1 over the whole evaluation set."""
+    model.eval()
+    imgs, txts = [], []
+    for images, texts in loader:
+        imgs.append(model.encode_image(images.to(device), normalize=True).float())
+        txts.append(model.encode_text(texts.to(device), normalize=True).float())
+    model.train()
+    sim = torch.cat(imgs) @ torch.cat(txts).T
+    target = torch.arange(sim.shape[0], device=sim.device)
+    return {"i2t_top1": float((sim.argmax(1) == target).float().mean()),
+            "t2i_top1": float((sim.argmax(0) == target).float().mean())}
+
+
+def main(args: argparse.Namespace) -> int:
+    import open_clip
+
+    from .clip import ClipMaskSub, clamp_logit_scale
+
+    out = Path(args.out)
+    name = model_name(args.model)
+    train_pairs = read_pairs(args.data, args.img_key, args.caption_key)
+    val_pairs = read_pairs(args.val_data, args.img_key, args.caption_key) if args.val_data else None
+    if args.batch_size < 2 or len(train_pairs) < 2:
+        raise MaskSubError("contrastive training needs at least 2 pairs per batch")
+    ckpt_path = out / "checkpoint.pt"
+    if args.resume and not ckpt_path.is_file():
+        raise MaskSubError(f"--resume: no checkpoint at {ckpt_path}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(args.seed)
+    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+        name, pretrained=args.pretrained, device=device)
+    tokenizer = open_clip.get_tokenizer(name)
+    amp = torch.bfloat16 if args.precision == "bf16" else None
+    ms = ClipMaskSub(model, mode=args.sub, ratio=args.ratio, text=args.text, amp_dtype=amp)
+    train_loader = torch.utils.data.DataLoader(
+        PairDataset(train_pairs, preprocess_train, tokenizer), batch_size=args.batch_size, shuffle=True,
+        drop_last=len(train_pairs) >= 2 * args.batch_size, num_workers=args.workers,
+        generator=torch.Generator().manual_seed(args.seed))
+    val_loader = None if val_pairs is None else torch.utils.data.DataLoader(
+        PairDataset(val_pairs, preprocess_val, tokenizer), batch_size=args.batch_size, num_workers=args.workers)
+    opt = torch.optim.AdamW(param_groups(model, args.wd), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+    total = len(train_loader) * args.epochs
+    if args.max_steps:
+        total = min(total, args.max_steps)
+
+    def lr_at(step: int) -> float:
+        if step < args.warmup:
+            return (step + 1) / args.warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - args.warmup) / max(1, total - args.warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    start_epoch, step = 0, 0
+    if args.resume:
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start_epoch, step = state["epoch"], state["step"]
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "log.jsonl", "a")
+    model.train()
+    t0 = time.perf_counter()
+    for epoch in range(start_epoch, args.epochs):
+        sums = torch.zeros(2, device=device)
+        n = 0
+        for images, texts in train_loader:
+            if args.max_steps and step >= args.max_steps:
+                break
+            o = ms.backward(images.to(device, non_blocking=True), texts.to(device, non_blocking=True))
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            clamp_logit_scale(model)
+            step += 1
+            sums += torch.stack([o.loss_main, o.loss_sub if o.loss_sub is not None else o.loss_main.new_zeros(())])
+            n += 1
+        rec: dict[str, Any] = {"epoch": epoch + 1, "step": step, "seconds": round(time.perf_counter() - t0, 1),
+                               "loss_main": float(sums[0]) / max(n, 1), "lr": sched.get_last_lr()[0]}
+        if args.sub == "mask":
+            rec["loss_sub"] = float(sums[1]) / max(n, 1)
+        if val_loader is not None:
+            rec.update(retrieval_top1(model, val_loader, device))
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+        print(json.dumps(rec), flush=True)
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "epoch": epoch + 1, "step": step, "model_name": name, "args": vars(args)}, ckpt_path)
+        if args.max_steps and step >= args.max_steps:
+            break
+    log.close()
+    return 0

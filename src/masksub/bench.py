@@ -26,7 +26,16 @@ from typing import Any
 
 import torch
 
-from .bench_steps import GPU_MODELS, MODELS, TINY_MODELS, VARIANTS, Step, build_model, make_step
+from .bench_steps import (
+    GPU_MODELS,
+    MODELS,
+    PARTS,
+    TINY_MODELS,
+    VARIANTS,
+    Step,
+    build_model,
+    make_step,
+)
 from .errors import MaskSubError
 from .flops import count_flops, device_name, mfu, peak_tflops
 
@@ -59,6 +68,12 @@ class Setting:
             parts += [self.mode or "", self.order or ""]
         elif self.variant == "paper":
             parts += [self.mode or "mask", "two-backward"]
+        elif self.variant == "part_sub":
+            parts += [self.mode or "mask", "fwd+bwd"]
+        elif self.variant == "part_main":
+            parts += ["fwd+bwd"]
+        elif self.variant == "part_opt":
+            parts += ["AdamW step"]
         return " ".join(parts)
 
 
@@ -83,8 +98,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma list from {', '.join(MODELS)}")
     parser.add_argument("--modes", type=_csv(MODES), default=None, help="comma list of mask,dropout,droppath")
     parser.add_argument("--orders", type=_csv(ORDERS), default=None, help="comma list of memory,fused")
-    parser.add_argument("--variants", type=_csv(VARIANTS), default=None,
-                        help="comma list of standard,off,paper,masksub (default: all)")
+    parser.add_argument("--variants", type=_csv(VARIANTS + PARTS), default=None,
+                        help="comma list of standard,off,paper,masksub (default: these four) and the step's "
+                             "pieces timed alone: part_main, part_sub, part_opt")
     parser.add_argument("--compile", nargs="?", const="on", choices=("off", "on", "both"), default=None,
                         help="torch.compile the model: on, off or both (flag alone: on)")
     parser.add_argument("--batch", type=str, default=None,
@@ -107,6 +123,7 @@ def default_plan(models: tuple[str, ...], gpu: bool) -> list[Setting]:
     for m in models:
         plan += [Setting(m, "standard"), Setting(m, "off"), Setting(m, "paper", "mask")]
         plan += [Setting(m, "masksub", "mask", o) for o in ORDERS]
+        plan += [Setting(m, "part_main"), Setting(m, "part_sub", "mask"), Setting(m, "part_opt")]
     focus = "vit_b" if gpu else models[0]
     plan += [Setting(focus, "standard", compile=True), Setting(focus, "off", compile=True),
              Setting(focus, "paper", "mask", compile=True)]
@@ -124,11 +141,13 @@ def grid_plan(args: argparse.Namespace, models: list[str]) -> list[Setting]:
     for m in models:
         for c in compiles:
             for v in variants:
-                if v in ("standard", "off"):
+                if v in ("standard", "off", "part_main", "part_opt"):
                     plan.append(Setting(m, v, compile=c))
                 elif v == "paper":
                     if "mask" in modes:
                         plan.append(Setting(m, v, "mask", compile=c))
+                elif v == "part_sub":
+                    plan += [Setting(m, v, md, compile=c) for md in modes]
                 else:
                     plan += [Setting(m, v, md, o, c) for md in modes for o in orders]
     return plan
@@ -290,11 +309,38 @@ def check_goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def breakdown(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per model (eager): the pieces timed alone against the whole MaskSub step, and how fast the
+    sub-branch turns FLOPs into work compared with the main branch (1.0 = as efficient)."""
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        got = {r["variant"]: r for r in rows if r["model"] == model and not r["compile"]
+               and r["mode"] in (None, "mask") and r["order"] in (None, "memory")}
+        if not all(p in got for p in PARTS):
+            continue
+        main, sub, opt = (got[p] for p in PARTS)
+        item = dict(model=model, main_ms=main["step_ms"], sub_ms=sub["step_ms"], opt_ms=opt["step_ms"],
+                    parts_ms=main["step_ms"] + sub["step_ms"] + opt["step_ms"],
+                    sub_time_fraction=sub["step_ms"] / main["step_ms"],
+                    sub_flop_fraction=sub["step_flops"] / main["step_flops"] if main["step_flops"] else None)
+        if item["sub_flop_fraction"]:
+            item["sub_efficiency"] = item["sub_flop_fraction"] / item["sub_time_fraction"]
+        for v in ("masksub", "paper", "standard"):
+            if v in got:
+                item[f"{v}_ms"] = got[v]["step_ms"]
+        if "standard" in got:
+            # The best a two-branch step can do with these pieces: the standard step plus the sub.
+            item["parts_ratio"] = (got["standard"]["step_ms"] + sub["step_ms"]) / got["standard"]["step_ms"]
+        out.append(item)
+    return out
+
+
 def _fmt(v: Any, spec: str) -> str:
     return "n/a" if v is None else format(v, spec)
 
 
-def table(rows: list[dict[str, Any]], goals: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+def table(rows: list[dict[str, Any]], goals: list[dict[str, Any]], meta: dict[str, Any],
+          parts: list[dict[str, Any]] | None = None) -> str:
     head = (f"{'model':<11} {'batch':>5} {'cmp':<3} {'step':<30} {'ms':>8} {'x std':>6} "
             f"{'GiB':>6} {'x std':>6} {'img/s':>8} {'sub/main':>8} {'FLOPx':>6} {'MFU':>5} {'graphs':>6}")
     lines = [f"masksub bench on {meta['device']} ({meta['dtype']}, median of {meta['steps']} steps "
@@ -309,6 +355,14 @@ def table(rows: list[dict[str, Any]], goals: list[dict[str, Any]], meta: dict[st
             f"{_fmt(r['mfu'] * 100 if r['mfu'] is not None else None, '.1f'):>5} "
             f"{_fmt(r['graphs'], 'd'):>6}"
         )
+    if parts:
+        lines.append("")
+        lines.append("where the time goes (eager, pieces timed alone): main fwd+bwd | sub fwd+bwd | AdamW | "
+                     "sub time/main time | sub FLOPs/main FLOPs | sub efficiency | (standard + sub) / standard")
+        for p in parts:
+            lines.append(f"  {p['model']:<11} {p['main_ms']:8.2f} | {p['sub_ms']:8.2f} | {p['opt_ms']:7.2f} | "
+                         f"{p['sub_time_fraction']:.3f} | {_fmt(p['sub_flop_fraction'], '.3f')} | "
+                         f"{_fmt(p.get('sub_efficiency'), '.3f')} | {_fmt(p.get('parts_ratio'), '.3f')}")
     if goals:
         lines.append("")
         lines.append("goals (issue 5):")
@@ -376,11 +430,12 @@ def main(args: argparse.Namespace) -> int:
     meta["wall_s"] = round(time.perf_counter() - t_start, 1)
     add_ratios(rows, peak)
     goals = check_goals(rows) if gpu else []
-    text = table(rows, goals, meta)
+    parts = breakdown(rows)
+    text = table(rows, goals, meta, parts)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"{_dt.datetime.now(_dt.UTC).strftime('%Y-%m-%d')}_{_slug(name)}"
-    (args.out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows, goals=goals), indent=1) + "\n")
+    (args.out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows, breakdown=parts, goals=goals), indent=1) + "\n")
     (args.out / f"{stem}.txt").write_text(text + "\n")
     print(f"wrote {args.out / (stem + '.json')} and .txt", file=sys.stderr)
     return 0

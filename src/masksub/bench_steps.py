@@ -22,6 +22,9 @@ from torch import Tensor, nn
 from .errors import MaskSubError
 
 VARIANTS = ("standard", "off", "paper", "masksub")
+# Pieces of a step, timed alone to show where the time goes: the main forward+backward, the
+# sub forward+backward (masking included), the optimizer step.
+PARTS = ("part_main", "part_sub", "part_opt")
 
 
 @dataclass(frozen=True)
@@ -223,4 +226,38 @@ def make_step(variant: str, model: nn.Module, x: Tensor, y: Tensor, *, mode: str
         return Step(run, lambda: eager.backward(x, y, crit), lambda: eager.forward_main(x),
                     (lambda: eager.forward_sub(x)) if on else None, params)
 
-    raise MaskSubError(f"unknown variant {variant!r}; pick from {', '.join(VARIANTS)}")
+    if variant in PARTS:
+        params = list(model.parameters())
+        ms = MaskSub(model, mode=mode, ratio=ratio, amp_dtype=amp_dtype) if variant == "part_sub" else None
+        if ms is not None:
+            params = list(model.parameters())  # a mask token may have been added
+        opt = make_optimizer(params)
+        if variant == "part_opt":
+            def run_opt() -> None:
+                if params[0].grad is None:  # gradients of a step, made once
+                    for p in params:
+                        p.grad = torch.randn_like(p) * 1e-3
+                opt.step()
+
+            return Step(run_opt, lambda: None, lambda: model(x), None, params)
+        net = torch.compile(model) if compile else model
+        with torch.no_grad(), ac():
+            target = model(x).float()  # the main branch's logits, fixed
+
+        def body_part(m: nn.Module) -> None:
+            if ms is None:
+                with ac():
+                    loss = crit(m(x), y)
+            else:
+                with ms.sub(), ac():
+                    loss = soft_ce(m(x), target)
+            loss.backward()
+
+        def run_part() -> None:
+            body_part(net)
+            opt.zero_grad(set_to_none=True)
+
+        sub = None if ms is None else (lambda: ms.forward_sub(x))
+        return Step(run_part, lambda: body_part(model), lambda: model(x), sub, params)
+
+    raise MaskSubError(f"unknown variant {variant!r}; pick from {', '.join(VARIANTS + PARTS)}")

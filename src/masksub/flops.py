@@ -51,7 +51,7 @@ def count_flops(fn: Callable[[], object]) -> int:
 
 def mfu(flops_per_step: float, step_ms: float, peak: float | None) -> float | None:
     """Model FLOP utilisation: achieved FLOP/s over the peak; None without a peak."""
-    if not peak or not step_ms or step_ms <= 0:
+    if not peak or not flops_per_step or not step_ms or step_ms <= 0:
         return None
     return flops_per_step / (step_ms / 1e3) / (peak * 1e12)
 

@@ -1,0 +1,113 @@
+"""``masksub bench`` end to end on CPU (tiny models) through the real CLI path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from masksub import cli
+from masksub.bench_steps import PaperRecipeModel, build_model, mae_random_masking
+from masksub.flops import count_flops, mfu, peak_tflops
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("bench")
+    rc = cli.main([
+        "bench", "--device", "cpu", "--models", "tiny_vit,tiny_resnet", "--modes", "mask,dropout",
+        "--orders", "memory,fused", "--variants", "standard,off,paper,masksub,part_main,part_sub,part_opt",
+        "--batch", "tiny_vit=4,tiny_resnet=2", "--steps", "2", "--warmup", "1", "--out", str(out),
+    ])
+    assert rc == 0
+    files = sorted(Path(out).glob("*.json"))
+    assert len(files) == 1 and "cpu" in files[0].name
+    assert files[0].with_suffix(".txt").read_text().startswith("masksub bench on cpu")
+    return json.loads(files[0].read_text())
+
+
+def _row(res: dict, model: str, label: str) -> dict:
+    rows = [r for r in res["rows"] if r["model"] == model and r["label"] == label]
+    assert len(rows) == 1, [r["label"] for r in res["rows"] if r["model"] == model]
+    return rows[0]
+
+
+def test_every_setting_measured_with_sane_values(result: dict) -> None:
+    labels = {(r["model"], r["label"]) for r in result["rows"]}
+    for model in ("tiny_vit", "tiny_resnet"):
+        for label in ("standard", "off", "paper mask two-backward", "masksub mask memory", "masksub mask fused",
+                      "masksub dropout memory", "masksub dropout fused"):
+            assert (model, label) in labels
+    for r in result["rows"]:
+        assert r["step_ms"] > 0 and r["images_per_s"] > 0
+        assert r["time_ratio"] is not None and r["time_ratio"] > 0
+        assert r["peak_bytes"] is None and r["memory_ratio"] is None  # CPU: no allocator peak
+        assert r["mfu"] is None  # no peak FLOP/s for a CPU
+        assert r["batch"] == (4 if r["model"] == "tiny_vit" else 2)
+    assert _row(result, "tiny_vit", "standard")["time_ratio"] == 1.0
+    meta = result["meta"]
+    assert meta["steps"] == 2 and meta["warmup"] == 1 and meta["dtype"] == "fp32"
+    assert result["goals"] == []  # goals are GPU claims
+
+
+def test_flop_fractions_are_counted(result: dict) -> None:
+    vit = _row(result, "tiny_vit", "masksub mask memory")
+    assert 0.4 < vit["sub_flop_fraction"] < 0.6  # token removal at 0.5
+    paper = _row(result, "tiny_vit", "paper mask two-backward")
+    assert paper["sub_flop_fraction"] == pytest.approx(vit["sub_flop_fraction"], rel=0.02)
+    # Two branches cost between 1x and 2x the standard step's FLOPs, the sub costing ~half.
+    assert 1.4 < vit["flop_ratio"] < 1.65
+    for label in ("masksub mask memory", "paper mask two-backward"):
+        cnn = _row(result, "tiny_resnet", label)
+        assert cnn["sub_flop_fraction"] == pytest.approx(1.0, abs=0.01)  # zeroed pixels cost a full forward
+        assert cnn["flop_ratio"] == pytest.approx(2.0, abs=0.02)
+    assert _row(result, "tiny_vit", "masksub dropout memory")["sub_flop_fraction"] == pytest.approx(1.0, abs=0.1)
+    assert _row(result, "tiny_vit", "off")["flop_ratio"] == pytest.approx(1.0)
+
+
+def test_breakdown_adds_up(result: dict) -> None:
+    parts = {p["model"]: p for p in result["breakdown"]}
+    assert set(parts) == {"tiny_vit", "tiny_resnet"}
+    p = parts["tiny_vit"]
+    assert p["parts_ms"] == pytest.approx(p["main_ms"] + p["sub_ms"] + p["opt_ms"])
+    assert 0.4 < p["sub_flop_fraction"] < 0.7  # fwd+bwd of the sub over fwd+bwd of the main
+    assert p["opt_ms"] > 0 and p["sub_efficiency"] > 0
+
+
+def test_bad_batch_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = cli.main(["bench", "--device", "cpu", "--models", "tiny_vit", "--batch", "vit_b=4", "--out", str(tmp_path)])
+    assert rc == 2
+    assert "--batch names 'vit_b'" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_peak_table_and_mfu() -> None:
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("NVIDIA H200") == 989.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops("cpu-2threads") is None
+    assert mfu(989e12 * 0.5, 1000.0, 989.0) == pytest.approx(0.5)
+    assert mfu(1e12, 10.0, None) is None
+
+
+def test_mae_masking_and_paper_model() -> None:
+    x = torch.randn(3, 10, 4)
+    kept, mask = mae_random_masking(x, 0.5)
+    assert kept.shape == (3, 5, 4)
+    assert mask.sum(1).tolist() == [5.0, 5.0, 5.0]
+    for b in range(3):  # the kept tokens are exactly the unmasked ones
+        want = x[b][mask[b] == 0]
+        assert torch.equal(kept[b].sort(0).values, want.sort(0).values)
+    torch.manual_seed(0)
+    model = build_model("tiny_vit").eval()
+    ref = PaperRecipeModel(model)
+    img = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(ref(img), model(img))
+        assert not torch.allclose(ref(img, mask_ratio=0.5), model(img))
+        full = count_flops(lambda: ref(img))
+        half = count_flops(lambda: ref(img, mask_ratio=0.5))
+    assert 0.4 < half / full < 0.6

@@ -278,11 +278,9 @@ def validate(cfg: Config) -> None:
     choice("amp", AMPS)
     choice("aug", AUGS)
     choice("order", ("memory", "fused"))
-    if cfg.ratio is not None:
+    if cfg.ratio is not None:  # checked even with sub=none, where the baseline ignores it
         what = {"mask": "ratio (mask ratio)", "dropout": "ratio (dropout p_sub)",
                 "droppath": "ratio (drop-path increase)", "none": "ratio"}[cfg.sub]
-        if cfg.sub == "none":
-            raise MaskSubError("ratio is set but sub is 'none'; drop --ratio or pick --sub mask")
         check_ratio(cfg.ratio, what)
     if cfg.masking_only and cfg.sub != "mask":
         raise MaskSubError("masking_only trains the single branch on masked input: it needs sub=mask")

@@ -77,7 +77,7 @@ class Trainer:
         amp_dtype = AMP_DTYPES[cfg.amp]
         kind = "sigmoid" if cfg.bce else "softmax"
         mode = None if cfg.sub == "none" else cfg.sub
-        self.ms = MaskSub(model, mode, cfg.ratio, family=cfg.family, order=cfg.order, kind=kind,
+        self.ms = MaskSub(model, mode, cfg.ratio if mode else None, family=cfg.family, order=cfg.order, kind=kind,
                           amp_dtype=amp_dtype, **(cfg.family_options if mode else {}))
         probe = torch.zeros(1, cfg.in_chans, cfg.img_size, cfg.img_size, device=self.device)
         self.ms.validate(probe)  # e.g. an image size the mask patch / region does not divide

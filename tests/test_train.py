@@ -1,0 +1,116 @@
+"""``masksub train`` / ``masksub eval`` end to end on tiny synthetic runs (CPU, seconds)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from masksub.cli import main
+
+TINY = ["--recipe", "fashion-mnist", "--data", "synthetic", "--set", "synthetic_size=8",
+        "--set", "synthetic_val_size=4", "--batch-size", "4", "--epochs", "1",
+        "--set", "model_kwargs.depth=1", "--set", "model_kwargs.embed_dim=32",
+        "--set", "model_kwargs.num_heads=2", "--amp", "none", "--no-progress", "--set", "log_every=1"]
+
+
+def lines(run: Path, kind: str) -> list[dict]:
+    recs = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recs if r["kind"] == kind]
+
+
+@pytest.mark.parametrize("extra", [["--sub", "none"], ["--sub", "mask"], ["--sub", "dropout"],
+                                   ["--sub", "droppath"], ["--sub", "mask", "--masking-only"]],
+                         ids=["none", "mask", "dropout", "droppath", "masking_only"])
+def test_two_step_run_writes_run_dir(tmp_path: Path, extra: list[str], capsys) -> None:
+    assert main(["train", *TINY, *extra, "--output", str(tmp_path), "--run-name", "r"]) == 0
+    run = tmp_path / "r"
+    for name in ("config.yaml", "metrics.jsonl", "last.pt", "best.pt", "summary.json"):
+        assert (run / name).is_file(), name
+    assert any((run / "tb").iterdir()), "no TensorBoard events"
+    steps, epochs = lines(run, "step"), lines(run, "epoch")
+    assert [s["step"] for s in steps] == [1, 2]
+    assert len(epochs) == 1 and epochs[0]["val_count"] == 4
+    for key in ("top1", "top5", "val_loss", "loss_main", "time_s"):
+        assert key in epochs[0]
+    has_sub = extra[1] != "none" and "--masking-only" not in extra
+    assert (steps[0]["loss_sub"] is not None) == has_sub
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["top1"] == epochs[0]["top1"]
+    out = capsys.readouterr().out
+    assert "top-1" in out and str(run) in out
+
+
+def test_analysis_and_accumulation(tmp_path: Path) -> None:
+    """analysis: true logs Eq. 1 / Eq. 2 train losses and per-branch grad norms; accum + EMA run."""
+    argv = ["train", *TINY, "--set", "synthetic_size=16", "--accum-steps", "2", "--analysis",
+            "--set", "grad_norm_every=1", "--set", "ema=true", "--output", str(tmp_path), "--run-name", "a"]
+    assert main(argv) == 0
+    ep = lines(tmp_path / "a", "epoch")[0]
+    assert ep["train_steps"] == 2  # 16 images / (4 x 2 accumulated) = 2 updates
+    for key in ("train_loss_unmasked", "train_loss_masked", "grad_norm_main", "grad_norm_sub", "ema_top1"):
+        assert isinstance(ep[key], float), key
+    assert ep["grad_norm_main"] > 0 and ep["grad_norm_sub"] > 0
+
+
+def test_eval_matches_training_eval(tmp_path: Path, capsys) -> None:
+    assert main(["train", *TINY, "--output", str(tmp_path), "--run-name", "e"]) == 0
+    top1 = lines(tmp_path / "e", "epoch")[0]["top1"]
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tmp_path / "e"), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["count"] == 4 and r["top1"] == pytest.approx(top1)
+
+
+def _err(tmp_path: Path, capsys, *argv: str) -> str:
+    rc = main(["train", *TINY, "--output", str(tmp_path), "--run-name", "bad", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert not (tmp_path / "bad").exists(), "a run directory was made before the error"
+    return err
+
+
+def test_wrong_key_suggests(tmp_path: Path, capsys) -> None:
+    err = _err(tmp_path, capsys, "--set", "lrr=0.1")
+    assert "unknown config key 'lrr'" in err and "'lr'" in err
+
+
+def test_wrong_key_in_recipe_file(tmp_path: Path, capsys) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: resnet18\nwieght_decay: 0.1\n")
+    assert main(["train", "--recipe", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "wieght_decay" in err and "weight_decay" in err
+
+
+def test_missing_data_path(tmp_path: Path, capsys) -> None:
+    err = _err(tmp_path, capsys, "--data", str(tmp_path / "nope"))
+    assert "does not exist" in err and "nope" in err
+
+
+def test_unknown_model_suggests(tmp_path: Path, capsys) -> None:
+    err = _err(tmp_path, capsys, "--model", "vit_tiny_patch16_22")
+    assert "timm does not know" in err and "vit_tiny_patch16_224" in err
+
+
+@pytest.mark.parametrize("ratio", ["1.5", "-0.1", "1.0"])
+def test_ratio_out_of_range(tmp_path: Path, capsys, ratio: str) -> None:
+    err = _err(tmp_path, capsys, f"--ratio={ratio}")
+    assert "must be in [0, 1)" in err
+
+
+def test_image_size_mask_patch_does_not_divide(tmp_path: Path, capsys) -> None:
+    """A CNN recipe at 48 px: the 32 px mask squares do not tile it."""
+    err = _err(tmp_path, capsys, "--model", "resnet18", "--set", "model_kwargs={}",
+               "--set", "img_size=48")
+    assert "not divisible" in err and "48" in err
+
+
+def test_unknown_recipe_and_bad_value(tmp_path: Path, capsys) -> None:
+    assert main(["train", "--recipe", "fashion-mnist-quik"]) == 2
+    assert "did you mean fashion-mnist-quick" in capsys.readouterr().err
+    err = _err(tmp_path, capsys, "--set", "batch_size=many")
+    assert "batch_size must be a int" in err
+    err = _err(tmp_path, capsys, "--sub", "masks")
+    assert "did you mean 'mask'" in err

@@ -195,3 +195,13 @@ def test_bad_options_are_refused(tmp_path, path, tok):
         MaskSubTrainer(model=load_model(path), args=args(tmp_path), processing_class=tok, masksub_mode="maks")
     with pytest.raises(MaskSubError, match="ratio"):
         MaskSubTrainer(model=load_model(path), args=args(tmp_path), processing_class=tok, masksub_ratio=1.5)
+
+
+def test_dropsub_takes_the_paper_rate_and_pathsub_needs_drop_path(tmp_path, path, tok):
+    trainer = MaskSubTrainer(model=load_model(path), args=args(tmp_path), processing_class=tok,
+                             masksub_mode="dropout")
+    assert type(trainer.masksub_branch).__name__ == "DropSub" and trainer.masksub_ratio == 0.2
+    text = MaskSubTrainer(model=load_model(path), args=args(tmp_path), processing_class=tok)
+    assert isinstance(text.masksub_branch, TextMask) and text.masksub_ratio == 0.15
+    with pytest.raises(MaskSubError, match="drop-path"):  # BERT has no stochastic depth
+        MaskSubTrainer(model=load_model(path), args=args(tmp_path), processing_class=tok, masksub_mode="droppath")

@@ -58,7 +58,9 @@ class MaskSubTrainer(Trainer):
             raise MaskSubError(f"masksub_weights must be two non-negative numbers (main, sub), got {masksub_weights!r}")
         super().__init__(*args, **kwargs)
         # Sequence-classification heads accept **kwargs but ignore num_items_in_batch and return a
-        # per-batch mean: without this the Trainer would skip the 1/accumulation scaling.
+        # per-batch mean: without this the Trainer skips the 1/accumulation scaling (measured with
+        # transformers 5.24 and BertForSequenceClassification: the plain Trainer's gradient at
+        # 2 x 4 accumulation is 2.0x that of one batch of 8). This also applies to mode "none".
         self.model_accepts_loss_kwargs = False
         self.masksub_mode = None if masksub_mode == "none" else masksub_mode
         self.masksub_weights = (float(masksub_weights[0]), float(masksub_weights[1]))

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from .bench_fixes import SwinMaskTokenSwap  # noqa: F401  (registers the opt-in "swin_swap" family)
 from .bench_steps import (
     GPU_MODELS,
     MODELS,
@@ -60,12 +61,15 @@ class Setting:
     mode: str | None = None
     order: str | None = None
     compile: bool = False
+    family: str | None = None
 
     @property
     def label(self) -> str:
         parts = [self.variant]
         if self.variant == "masksub":
             parts += [self.mode or "", self.order or ""]
+            if self.family:
+                parts.append(f"[{self.family}]")
         elif self.variant == "paper":
             parts += [self.mode or "mask", "two-backward"]
         elif self.variant == "part_sub":
@@ -105,6 +109,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch.compile the model: on, off or both (flag alone: on)")
     parser.add_argument("--batch", type=str, default=None,
                         help="batch for every model (e.g. 64) or per model (vit_b=128,vit_l=32)")
+    parser.add_argument("--family", default=None,
+                        help="masksub family for the masksub rows (e.g. swin_swap: the compile-safe Swin "
+                             "sub-branch proposed in masksub.bench_fixes); default: detected")
     parser.add_argument("--ratio", type=float, default=None, help="sub-branch strength (default: the paper's)")
     parser.add_argument("--drop-path", type=float, default=0.1, help="model drop-path rate (default 0.1)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (GPU 30, CPU 3)")
@@ -147,9 +154,11 @@ def grid_plan(args: argparse.Namespace, models: list[str]) -> list[Setting]:
                     if "mask" in modes:
                         plan.append(Setting(m, v, "mask", compile=c))
                 elif v == "part_sub":
-                    plan += [Setting(m, v, md, compile=c) for md in modes]
+                    plan += [Setting(m, v, md, compile=c, family=args.family if md == "mask" else None)
+                             for md in modes]
                 else:
-                    plan += [Setting(m, v, md, o, c) for md in modes for o in orders]
+                    plan += [Setting(m, v, md, o, c, args.family if md == "mask" else None)
+                             for md in modes for o in orders]
     return plan
 
 
@@ -220,15 +229,16 @@ def measure(setting: Setting, base: torch.nn.Module, x: torch.Tensor, y: torch.T
             flop_cache: dict[tuple, dict[str, Any]]) -> dict[str, Any]:
     if setting.compile:
         torch._dynamo.reset()  # each compiled setting starts from empty caches, none shares a limit
-    model = copy.deepcopy(base)
+    model = copy.deepcopy(base).to(device)  # the base stays on the host: not in this row's peak
     fused = device.type == "cuda"
 
     def make_opt(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, fused=fused)
 
     step = make_step(setting.variant, model, x, y, mode=setting.mode or "mask", order=setting.order or "memory",
-                     ratio=args.ratio, compile=setting.compile, amp_dtype=amp, make_optimizer=make_opt)
-    key = (setting.model, setting.variant, setting.mode, setting.order, x.shape[0])
+                     ratio=args.ratio, compile=setting.compile, amp_dtype=amp, make_optimizer=make_opt,
+                     family=setting.family)
+    key = (setting.model, setting.variant, setting.mode, setting.order, setting.family, x.shape[0])
     if key not in flop_cache:
         ac = torch.autocast(device.type, dtype=amp) if amp is not None else torch.autocast(device.type, enabled=False)
         step_flops = count_flops(step.count)
@@ -274,7 +284,7 @@ def _compiled_sub_differs(setting: Setting, model: torch.nn.Module, x: torch.Ten
             ref = torch.compile(PaperRecipeModel(net).to(x.device), backend="eager")
             a, b = ref(xs), ref(xs, mask_ratio=0.5 if ratio is None else ratio)
         else:
-            ms = MaskSub(torch.compile(net, backend="eager"), mode="mask", ratio=ratio)
+            ms = MaskSub(torch.compile(net, backend="eager"), mode="mask", ratio=ratio, family=setting.family)
             a, b = ms.forward_main(xs), ms.forward_sub(xs)
     return not torch.allclose(a.float(), b.float())
 
@@ -355,6 +365,13 @@ def table(rows: list[dict[str, Any]], goals: list[dict[str, Any]], meta: dict[st
             f"{_fmt(r['mfu'] * 100 if r['mfu'] is not None else None, '.1f'):>5} "
             f"{_fmt(r['graphs'], 'd'):>6}"
         )
+    for r in rows:
+        if r.get("compiled_sub_differs") is False:
+            lines.append(f"WARNING {r['model']} compiled {r['label']}: the compiled sub forward equals the main "
+                         "forward (no masking under torch.compile); its time is not a MaskSub step")
+        if r.get("graphs_in_timed_steps"):
+            lines.append(f"WARNING {r['model']} compiled {r['label']}: {r['graphs_in_timed_steps']} graph(s) "
+                         "compiled during the timed steps (a guard keeps failing); raise --warmup or fix the cause")
     if parts:
         lines.append("")
         lines.append("where the time goes (eager, pieces timed alone): main fwd+bwd | sub fwd+bwd | AdamW | "
@@ -384,6 +401,8 @@ def main(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MaskSubError("--device cuda but torch sees no GPU; use --device cpu (tiny models)")
     gpu = device.type == "cuda"
+    if gpu:
+        torch.backends.cudnn.benchmark = True  # every row alike; the convolutions pick their kernels once
     args.steps = args.steps if args.steps is not None else (30 if gpu else 3)
     args.warmup = args.warmup if args.warmup is not None else (8 if gpu else 1)
     if args.steps < 1 or args.warmup < 0:
@@ -415,7 +434,7 @@ def main(args: argparse.Namespace) -> int:
     for model_name in dict.fromkeys(s.model for s in plan):
         torch.manual_seed(args.seed)
         spec = MODELS[model_name]
-        base = build_model(model_name, args.drop_path).to(device)
+        base = build_model(model_name, args.drop_path)
         b = batches[model_name]
         x = torch.randn(b, 3, spec.img, spec.img, device=device)
         y = torch.randint(0, spec.num_classes, (b,), device=device)

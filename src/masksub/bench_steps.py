@@ -157,7 +157,7 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
 
 def make_step(variant: str, model: nn.Module, x: Tensor, y: Tensor, *, mode: str = "mask",
               order: str = "memory", ratio: float | None = None, compile: bool = False,
-              amp_dtype: torch.dtype | None = torch.bfloat16,
+              amp_dtype: torch.dtype | None = torch.bfloat16, family: str | None = None,
               make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]) -> Step:
     """Wire ``variant`` around ``model``; the optimizer is built after any parameter is added."""
     from .step import MaskSub
@@ -212,7 +212,7 @@ def make_step(variant: str, model: nn.Module, x: Tensor, y: Tensor, *, mode: str
     if variant in ("masksub", "off"):
         fast = torch.compile(model) if compile else model
         on = variant == "masksub"
-        kw: dict[str, Any] = dict(mode=mode, ratio=ratio, order=order) if on else dict(mode=None)
+        kw: dict[str, Any] = dict(mode=mode, ratio=ratio, order=order, family=family) if on else dict(mode=None)
         ms = MaskSub(fast, amp_dtype=amp_dtype, **kw)  # may add a mask token: before the optimizer
         eager = MaskSub(model, amp_dtype=amp_dtype, **kw)
         params = list(model.parameters())
@@ -228,7 +228,8 @@ def make_step(variant: str, model: nn.Module, x: Tensor, y: Tensor, *, mode: str
 
     if variant in PARTS:
         params = list(model.parameters())
-        ms = MaskSub(model, mode=mode, ratio=ratio, amp_dtype=amp_dtype) if variant == "part_sub" else None
+        ms = (MaskSub(model, mode=mode, ratio=ratio, amp_dtype=amp_dtype, family=family)
+              if variant == "part_sub" else None)
         if ms is not None:
             params = list(model.parameters())  # a mask token may have been added
         opt = make_optimizer(params)

@@ -131,3 +131,14 @@ def test_public_names():
     for name in ("MaskSub", "MaskSubError", "StepOutput", "relaxed_loss", "sub_branch"):
         assert hasattr(masksub, name)
     assert issubclass(masksub.MaskSubError, ValueError)
+
+
+def test_core_imports_torch_alone():
+    import subprocess
+    import sys
+
+    code = ("import sys, masksub, masksub.step, masksub.branches, masksub.loss; "
+            "bad = [m for m in ('timm', 'transformers', 'open_clip', 'torchvision') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr

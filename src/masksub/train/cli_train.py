@@ -74,5 +74,5 @@ def main(args: argparse.Namespace) -> int:
         print(f"masksub train: stopped: {e}", file=sys.stderr)
         return 3
     if summary.get("stopped") == "signal":
-        return 143
+        return 128 + int(summary.get("signal") or 15)  # the shell's convention: 143 TERM, 130 INT
     return 0

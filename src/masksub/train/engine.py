@@ -502,7 +502,7 @@ class Trainer:
              "best_top1": self.best_top1 if self.best_top1 >= 0 else None, "best_epoch": self.best_epoch,
              "train_loss_unmasked": ev.get("train_loss_unmasked"), "train_loss_masked": ev.get("train_loss_masked"),
              "skipped_nonfinite": self.nonfinite_total, "time_s": self.elapsed, "stopped": stopped,
-             "world_size": self.dist.world}
+             "world_size": self.dist.world, "signal": self._stop_signal}
         if self.dist.main:
             (self.run_dir / "summary.json").write_text(json.dumps(s, indent=2) + "\n")
             if not stopped:

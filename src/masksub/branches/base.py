@@ -8,6 +8,7 @@ module attribute, a forward hook), so real timm / Hugging Face / open_clip model
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -70,6 +71,23 @@ class Family:
 
     def apply(self, model: nn.Module, ratio: float) -> contextlib.AbstractContextManager:
         raise NotImplementedError
+
+
+class PerModel:
+    """Remembers what the walk over one model found, so a step does not walk every module.
+
+    Keyed on the model object (weakly); a model whose structure changes needs a new MaskSub.
+    """
+
+    def __init__(self) -> None:
+        self._ref: weakref.ref | None = None
+        self._value: Any = None
+
+    def get(self, model: nn.Module, make: Any) -> Any:
+        if self._ref is None or self._ref() is not model:
+            self._value = make(model)
+            self._ref = weakref.ref(model)
+        return self._value
 
 
 _REGISTRY: list[type[Family]] = []

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import re
-import weakref
 from collections.abc import Iterator
 from typing import Any
 
 from torch import Tensor, nn
 
 from ..errors import MaskSubError
-from .base import Family
+from .base import Family, PerModel
 
 # Layers that read a float rate instead of an nn.Dropout module: Hugging Face attention
 # (``dropout_prob``, ``attention_dropout``) and timm heads calling F.dropout (``drop_rate``).
@@ -46,23 +45,6 @@ def _drop_path_attr(m: nn.Module) -> str | None:
     return None
 
 
-class _PerModel:
-    """Remembers what the walk over one model found, so a step does not walk every module.
-
-    Keyed on the model object (weakly); a model whose structure changes needs a new MaskSub.
-    """
-
-    def __init__(self) -> None:
-        self._ref: weakref.ref | None = None
-        self._value: Any = None
-
-    def get(self, model: nn.Module, make: Any) -> Any:
-        if self._ref is None or self._ref() is not model:
-            self._value = make(model)
-            self._ref = weakref.ref(model)
-        return self._value
-
-
 class DropPath(nn.Module):
     """Stochastic depth on the batch dimension, for slots a model left empty at rate 0."""
 
@@ -87,7 +69,7 @@ class DropSub(Family):
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        self._slots = _PerModel()
+        self._slots = PerModel()
 
     def prepare(self, model: nn.Module) -> None:
         if not self._slots.get(model, _dropout_slots):
@@ -134,7 +116,8 @@ class PathSub(Family):
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        self._slots = _PerModel()
+        self._slots = PerModel()
+        self._fill = DropPath(0.0)
 
     def prepare(self, model: nn.Module) -> None:
         paths, empty = self._slots.get(model, _drop_path_slots)
@@ -160,7 +143,9 @@ class PathSub(Family):
             for m, a in paths:
                 saved.append((m, a, getattr(m, a)))
                 setattr(m, a, getattr(m, a) + ratio)
-            fill = DropPath(ratio).train(model.training)  # stateless: one serves every slot
+            fill = self._fill  # stateless: one serves every slot, and every step
+            fill.drop_prob = ratio
+            fill.train(model.training)
             for m, name in empty:
                 in_modules = name in m._modules
                 old = m._modules[name] if in_modules else m.__dict__.pop(name)

@@ -1,8 +1,8 @@
 """Mask-token sub-branches: masked patch tokens are *replaced* by a learnable token.
 
 Used where tokens cannot be removed: BEiT v2 finetuning (relative position bias over a fixed
-grid) and Swin (windows over a fixed grid). A forward hook on the model's own
-``patch_embed`` swaps the masked tokens, so the rest of the model runs untouched; the cost
+grid) and Swin (windows over a fixed grid). A wrapper swapped into the model's own
+``patch_embed`` slot replaces the masked tokens, so the rest of the model runs untouched; the cost
 equals a main forward. The mask token is the one parameter MaskSub adds; it is registered on
 the model as ``masksub_mask_token`` (so ``model.parameters()`` and checkpoints carry it).
 """
@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import MaskSubError
-from .base import Family
+from .base import Family, PerModel
 from .masks import block_mask, random_mask
 
 TOKEN_NAME = "masksub_mask_token"
@@ -79,6 +79,7 @@ class MaskTokenFamily(Family):
 
     def __init__(self, region_px: int | None = None, block: bool = False, **options: Any) -> None:
         super().__init__(**options)
+        self._wrappers = PerModel()
         self.region_px = region_px if region_px is not None else self.region_px_default
         self.block = bool(block)
 
@@ -147,7 +148,18 @@ class MaskTokenFamily(Family):
             self.prepare(model)
             token = getattr(model, TOKEN_NAME)
 
-        def hook(module: nn.Module, args: Any, out: Tensor) -> Tensor:
+        wrapper = self._wrappers.get(model, self._make_wrapper)
+        wrapper.ratio = ratio
+        embed = model.patch_embed
+        model.patch_embed = wrapper
+        try:
+            yield
+        finally:
+            model.patch_embed = embed
+
+    def _make_wrapper(self, model: nn.Module) -> MaskedPatchEmbed:
+        def mask_output(out: Tensor, ratio: float) -> Tensor:
+            token = getattr(model, TOKEN_NAME)
             grid = self._grid(model, out)
             mask = self.make_mask(model, out.shape[0], grid, ratio, out.device)
             if out.ndim == 4 and _channels_first(model, out):  # NCHW (timm SwinTransformerV2Cr)
@@ -155,13 +167,29 @@ class MaskTokenFamily(Family):
             mask = mask.view(out.shape[0], *out.shape[1:-1], 1)
             return torch.where(mask, token.to(out.dtype), out)
 
-        handle = model.patch_embed.register_forward_hook(hook)
+        return MaskedPatchEmbed(model.patch_embed, mask_output)
+
+
+class MaskedPatchEmbed(nn.Module):
+    """The model's own ``patch_embed`` followed by the masking, swapped into the slot for the
+    sub forward. A swap, not a forward hook: ``torch.compile`` does not guard on hooks, so a
+    hooked sub forward would silently reuse the main forward's graph and run unmasked. One
+    instance per model, so compiled graphs see the same module every step."""
+
+    def __init__(self, embed: nn.Module, mask_output: Any) -> None:
+        super().__init__()
+        self.embed = embed
+        self.mask_output = mask_output
+        self.ratio = 0.0
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.mask_output(self.embed(*args, **kwargs), self.ratio)
+
+    def __getattr__(self, name: str) -> Any:  # patch_size, grid_size, output_fmt, proj ...
         try:
-            yield
-        finally:
-            handle.remove()
-
-
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.embed, name)
 
 
 class BeitMaskToken(MaskTokenFamily):

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .base import Family
+from .base import Family, PerModel
 from .masks import masked_count
 
 
@@ -61,12 +62,23 @@ class ViTTokenRemoval(Family):
     def matches(cls, model: nn.Module) -> bool:
         return hasattr(model, "patch_drop") and hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens")
 
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._removal = PerModel()  # one module per model: compiled graphs see the same one
+
+    @staticmethod
+    def _make_removal(model: nn.Module) -> TokenRemoval:
+        # timm Eva leaves the slot None (or a PatchDropoutWithIndices) and unpacks (x, indices).
+        old = model.patch_drop
+        with_indices = old is None or type(old).__name__ == "PatchDropoutWithIndices"
+        return TokenRemoval(0.0, int(model.num_prefix_tokens), with_indices)
+
     @contextlib.contextmanager
     def apply(self, model: nn.Module, ratio: float) -> Iterator[None]:
         old = model.patch_drop
-        # timm Eva leaves the slot None (or a PatchDropoutWithIndices) and unpacks (x, indices).
-        with_indices = old is None or type(old).__name__ == "PatchDropoutWithIndices"
-        model.patch_drop = TokenRemoval(ratio, int(model.num_prefix_tokens), with_indices)
+        removal = self._removal.get(model, self._make_removal)
+        removal.ratio = ratio
+        model.patch_drop = removal
         try:
             yield
         finally:

@@ -151,6 +151,8 @@ class MaskTokenFamily(Family):
         wrapper = self._wrappers.get(model, self._make_wrapper)
         wrapper.ratio = ratio
         embed = model.patch_embed
+        if wrapper.embed is not embed:  # the slot was given another module since
+            wrapper.embed = embed
         model.patch_embed = wrapper
         try:
             yield

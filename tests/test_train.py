@@ -114,3 +114,24 @@ def test_unknown_recipe_and_bad_value(tmp_path: Path, capsys) -> None:
     assert "batch_size must be a int" in err
     err = _err(tmp_path, capsys, "--sub", "masks")
     assert "did you mean 'mask'" in err
+
+
+def test_imagefolder_through_timm(tmp_path: Path) -> None:
+    """An ImageFolder tree goes through timm's create_dataset / create_transform and a DataLoader."""
+    from PIL import Image
+
+    for split in ("train", "validation"):
+        for c in range(2):
+            d = tmp_path / "data" / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(6 if split == "train" else 2):
+                Image.new("RGB", (40, 36), (120 * c, 30 * i, 90)).save(d / f"{i}.png")
+    argv = ["train", "--recipe", "fashion-mnist", "--data", str(tmp_path / "data"), "--set", "in_chans=3",
+            "--set", "num_classes=2", "--set", "img_size=32", "--set", "model_kwargs.patch_size=8",
+            "--set", "model_kwargs.depth=1", "--set", "model_kwargs.embed_dim=32",
+            "--set", "model_kwargs.num_heads=2", "--set", "aug=timm", "--set", "auto_augment=rand-m9-mstd0.5",
+            "--set", "workers=0", "--batch-size", "4", "--epochs", "1", "--amp", "none", "--no-progress",
+            "--output", str(tmp_path), "--run-name", "f"]
+    assert main(argv) == 0
+    ep = lines(tmp_path / "f", "epoch")[0]
+    assert ep["val_count"] == 4 and ep["train_steps"] == 3

@@ -164,6 +164,49 @@ class LoaderData:
         return self._loader(ds, idx, 0)
 
 
+class StreamData:
+    """A streaming timm dataset (webdataset shards, streaming HF): the reader shards by rank and
+    shuffles by epoch; ``start`` skips batches, so a resume is exact only if the reader is."""
+
+    def __init__(self, dataset: Any, *, batch_size: int, train: bool, workers: int, device: torch.device,
+                 channels_last: bool = False) -> None:
+        self.dataset, self.batch_size, self.train = dataset, batch_size, train
+        self.workers, self.device, self.channels_last = workers, device, channels_last
+
+    def num_batches(self, epoch: int = 0) -> int:
+        try:
+            n = len(self.dataset)
+        except TypeError:
+            raise MaskSubError("a streaming data set needs its size: pass num_samples via the "
+                               "timm reader (e.g. a wds _info.json)") from None
+        return _n_batches(n, self.batch_size, self.train)
+
+    def iterate(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        from torch.utils.data import DataLoader
+
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.workers,
+                            drop_last=self.train, pin_memory=self.device.type == "cuda")
+        for i, (x, y) in enumerate(loader):
+            if i >= self.num_batches(epoch):
+                break
+            if i < start:
+                continue
+            x = x.to(self.device, non_blocking=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y.to(self.device, non_blocking=True)
+
+    def plain(self, n: int) -> Iterator[tuple[Tensor, Tensor]]:
+        seen = 0
+        for x, y in self.iterate(0, 0):
+            if seen >= n:
+                break
+            seen += len(y)
+            yield x, y
+
+
 # -- sources ----------------------------------------------------------------------------------
 def _read_idx(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as f:
@@ -284,13 +327,18 @@ def build_data(cfg: Config, *, device: torch.device, rank: int = 0, world: int =
         if not root_p.is_dir():
             raise MaskSubError(f"data path {root} is not a directory (an ImageFolder root)")
     try:
-        kw = dict(root=root, search_split=True, input_img_mode="L" if cfg.in_chans == 1 else "RGB")
+        kw = dict(root=root, search_split=True, input_img_mode="L" if cfg.in_chans == 1 else "RGB",
+                  batch_size=cfg.batch_size, seed=cfg.seed)
         train_ds = create_dataset(name, split=cfg.train_split, is_training=True, **kw)
         val_ds = create_dataset(name, split=cfg.val_split, is_training=False, **kw)
         plain_ds = create_dataset(name, split=cfg.train_split, is_training=False, **kw)
-    except (FileNotFoundError, RuntimeError, AssertionError) as e:
+    except (FileNotFoundError, RuntimeError, AssertionError, ValueError) as e:
         raise MaskSubError(f"cannot read data set {cfg.data!r}: {e}") from None
     train_ds.transform, val_ds.transform, plain_ds.transform = train_tf, eval_tf, eval_tf
+    if isinstance(train_ds, torch.utils.data.IterableDataset):
+        common = dict(workers=cfg.workers, device=device, channels_last=cfg.channels_last)
+        return (StreamData(train_ds, batch_size=cfg.batch_size, train=True, **common),
+                StreamData(val_ds, batch_size=eval_bs, train=False, **common))
     if cfg.subset:
         from torch.utils.data import Subset
 

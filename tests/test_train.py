@@ -135,3 +135,24 @@ def test_imagefolder_through_timm(tmp_path: Path) -> None:
     assert main(argv) == 0
     ep = lines(tmp_path / "f", "epoch")[0]
     assert ep["val_count"] == 4 and ep["train_steps"] == 3
+
+
+def test_finetune_from_local_pretrained_file(tmp_path: Path) -> None:
+    """pretrained_file loads a local state dict (head of another size skipped) before training."""
+    import torch
+
+    from masksub.train import config as C
+    from masksub.train.build import build_model
+
+    cfg = C.load("fashion-mnist", {"model_kwargs": {"depth": 1, "embed_dim": 32, "num_heads": 2},
+                                   "num_classes": 7})
+    src = build_model(cfg)
+    torch.save({"model": src.state_dict()}, tmp_path / "pre.pth")
+    cfg2 = C.load("fashion-mnist", {"model_kwargs": {"depth": 1, "embed_dim": 32, "num_heads": 2},
+                                    "pretrained_file": str(tmp_path / "pre.pth")})
+    model = build_model(cfg2)
+    assert torch.equal(model.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+    assert model.head.weight.shape[0] == 10
+    cfg2.pretrained_file = str(tmp_path / "missing.pth")
+    with pytest.raises(Exception, match="does not exist"):
+        build_model(cfg2)

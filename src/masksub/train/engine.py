@@ -142,6 +142,8 @@ class Trainer:
         if self.dist.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            for stale in self.run_dir.glob(".*.pt.tmp-*"):  # left by a writer killed mid-write
+                stale.unlink(missing_ok=True)
         self.log = RunLog(self.run_dir, enabled=self.dist.main, tensorboard=cfg.tensorboard)
         nan = os.environ.get(NAN_ENV, "")
         self.nan_steps = {int(s) for s in nan.split(",") if s.strip()}
@@ -286,7 +288,9 @@ class Trainer:
         sums = torch.zeros(4, device=self.device, dtype=torch.float64)  # loss, top1, top5, n
         amp = AMP_DTYPES[self.cfg.amp]
         ctx = torch.autocast(self.device.type, dtype=amp) if amp else contextlib.nullcontext()
+        bar = progress(self.val_data.num_batches(0), "eval", enabled=self.dist.main and self.cfg.progress)
         for x, y in self.val_data.iterate(0, 0):
+            bar.update(1)
             with ctx:
                 logits = model(x)
             logits = logits.float()
@@ -297,6 +301,7 @@ class Trainer:
                 self.eval_criterion(logits, y).double() * y.shape[0], hit[:, 0].sum().double(),
                 hit.any(1).sum().double(), torch.tensor(float(y.shape[0]), device=self.device, dtype=torch.float64),
             ])
+        bar.close()
         sums = D.all_sum(sums, self.dist)
         model.train(was)
         n = max(sums[3].item(), 1.0)
@@ -338,8 +343,9 @@ class Trainer:
             self.log.close()
 
     def _log_step(self, t0: float, imgs: int) -> None:
-        lm, ls = self._win["lm"], self._win["ls"]
-        n = max(self._win["n"], 1)
+        win = D.all_sum(torch.stack([self._win["lm"], self._win["ls"],
+                                     torch.tensor(float(self._win["n"]), device=self.device)]), self.dist)
+        lm, ls, n = win[0], win[1], max(win[2].item(), 1.0)
         dt = max(time.perf_counter() - t0, 1e-9)
         rec = {"kind": "step", "step": self.global_step, "epoch": self.epoch,
                "loss_main": (lm / n).item(),

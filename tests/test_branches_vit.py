@@ -97,3 +97,19 @@ def test_sub_gradient_reaches_every_block_parameter():
     ms.backward(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]), nn.CrossEntropyLoss())
     assert all(p.grad is not None for n, p in model.named_parameters() if n.startswith("blocks"))
     assert masksub.family_names()[-1] == "pixel"  # the CNN fallback is tried last
+
+
+def test_image_size_mismatch_fails_before_any_forward():
+    from masksub import MaskSubError
+
+    model = tiny_vit(img_size=32)
+    ms = MaskSub(model, "mask", 0.5)
+    calls = []
+    model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    with pytest.raises(MaskSubError, match="image size 48x48 does not match the ViT's img_size 32x32"):
+        ms.backward(torch.randn(2, 3, 48, 48), torch.tensor([0, 1]), nn.CrossEntropyLoss())
+    assert calls == []
+    dyn = tiny_vit(img_size=32, dynamic_img_size=True)
+    out = MaskSub(dyn, "mask", 0.5).backward(torch.randn(2, 3, 48, 48), torch.tensor([0, 1]),
+                                            nn.CrossEntropyLoss())
+    assert torch.isfinite(out.loss)

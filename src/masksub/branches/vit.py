@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import MaskSubError
 from .base import Family, PerModel
 from .masks import masked_count
 
@@ -65,6 +66,18 @@ class ViTTokenRemoval(Family):
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self._removal = PerModel()  # one module per model: compiled graphs see the same one
+
+    def validate(self, model: nn.Module, x: Any) -> None:
+        pe = model.patch_embed
+        img = getattr(pe, "img_size", None)
+        if not (isinstance(x, Tensor) and x.ndim == 4 and img is not None and getattr(pe, "strict_img_size", False)):
+            return  # other inputs (custom forward_fn) are the model's to check
+        if tuple(x.shape[-2:]) != tuple(img):
+            raise MaskSubError(
+                f"image size {x.shape[-2]}x{x.shape[-1]} does not match the ViT's img_size "
+                f"{img[0]}x{img[1]}; resize the images or build the model with img_size={x.shape[-1]} "
+                "(or dynamic_img_size=True)"
+            )
 
     @staticmethod
     def _make_removal(model: nn.Module) -> TokenRemoval:

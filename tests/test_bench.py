@@ -111,3 +111,28 @@ def test_mae_masking_and_paper_model() -> None:
         full = count_flops(lambda: ref(img))
         half = count_flops(lambda: ref(img, mask_ratio=0.5))
     assert 0.4 < half / full < 0.6
+
+
+def test_default_gpu_plan_is_the_issues() -> None:
+    from masksub.bench import Setting, default_plan
+    from masksub.bench_steps import GPU_MODELS
+
+    plan = set(default_plan(GPU_MODELS, gpu=True))
+    for m in ("vit_s", "vit_b", "vit_l", "resnet50", "swin_t"):
+        assert {Setting(m, "standard"), Setting(m, "off"), Setting(m, "paper", "mask")} <= plan
+        assert {Setting(m, "masksub", "mask", o) for o in ("memory", "fused")} <= plan
+    assert Setting("vit_b", "masksub", "mask", "memory", compile=True) in plan
+    assert Setting("vit_b", "standard", compile=True) in plan
+    for mode in ("dropout", "droppath"):
+        assert Setting("vit_b", "masksub", mode, "memory") in plan
+    assert not any(s.compile and s.model != "vit_b" for s in plan)
+
+
+@pytest.mark.parametrize("variant", ["masksub", "paper"])
+def test_compiled_sub_branch_is_checked_for_masking(variant: str) -> None:
+    from masksub.bench import Setting, _compiled_sub_differs
+
+    torch.manual_seed(0)
+    model = build_model("tiny_vit")
+    setting = Setting("tiny_vit", variant, "mask", "memory", compile=True)
+    assert _compiled_sub_differs(setting, model, torch.randn(2, 3, 32, 32), None) is True

@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 
-from .bench_fixes import SwinMaskTokenSwap  # noqa: F401  (registers the opt-in "swin_swap" family)
 from .bench_steps import (
     GPU_MODELS,
     MODELS,
@@ -110,8 +109,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=str, default=None,
                         help="batch for every model (e.g. 64) or per model (vit_b=128,vit_l=32)")
     parser.add_argument("--family", default=None,
-                        help="masksub family for the masksub rows (e.g. swin_swap: the compile-safe Swin "
-                             "sub-branch proposed in masksub.bench_fixes); default: detected")
+                        help="masksub family for the mask rows (e.g. vit_token); default: detected")
     parser.add_argument("--ratio", type=float, default=None, help="sub-branch strength (default: the paper's)")
     parser.add_argument("--drop-path", type=float, default=0.1, help="model drop-path rate (default 0.1)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (GPU 30, CPU 3)")
@@ -121,6 +119,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="peak FLOP/s for MFU when the GPU is not in masksub.flops.PEAK_BF16_TFLOPS")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for the JSON and table")
+    parser.add_argument("--stat", choices=("median", "min"), default="median",
+                        help="step time statistic (min suits a CPU shared with other work)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -252,10 +252,11 @@ def measure(setting: Setting, base: torch.nn.Module, x: torch.Tensor, y: torch.T
     graphs0 = _graphs()
     times, peak, recompiled = time_steps(step, device, args.warmup, args.steps)
     row: dict[str, Any] = asdict(setting)
+    ms = statistics.median(times) if args.stat == "median" else min(times)
     row.update(
-        label=setting.label, batch=int(x.shape[0]), step_ms=statistics.median(times),
+        label=setting.label, batch=int(x.shape[0]), step_ms=ms, step_ms_median=statistics.median(times),
         step_ms_min=min(times), step_ms_max=max(times), peak_bytes=peak,
-        images_per_s=x.shape[0] / (statistics.median(times) / 1e3),
+        images_per_s=x.shape[0] / (ms / 1e3),
         **fl,
         sub_flop_fraction=(fl["sub_fwd_flops"] / fl["main_fwd_flops"]) if fl["sub_fwd_flops"] else None,
         graphs=(_graphs() - graphs0) if setting.compile else None,
@@ -353,7 +354,7 @@ def table(rows: list[dict[str, Any]], goals: list[dict[str, Any]], meta: dict[st
           parts: list[dict[str, Any]] | None = None) -> str:
     head = (f"{'model':<11} {'batch':>5} {'cmp':<3} {'step':<30} {'ms':>8} {'x std':>6} "
             f"{'GiB':>6} {'x std':>6} {'img/s':>8} {'sub/main':>8} {'FLOPx':>6} {'MFU':>5} {'graphs':>6}")
-    lines = [f"masksub bench on {meta['device']} ({meta['dtype']}, median of {meta['steps']} steps "
+    lines = [f"masksub bench on {meta['device']} ({meta['dtype']}, {meta['stat']} of {meta['steps']} steps "
              f"after {meta['warmup']} warm-up; {meta['date']})", head, "-" * len(head)]
     for r in rows:
         gib = r["peak_bytes"] / 2**30 if r["peak_bytes"] else None
@@ -416,7 +417,7 @@ def main(args: argparse.Namespace) -> int:
     name = device_name(device)
     peak = args.peak_tflops or (peak_tflops(name) if gpu else None)
     meta = dict(date=_dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), device=name, dtype=dtype_name,
-                steps=args.steps, warmup=args.warmup, peak_tflops=peak, torch=torch.__version__,
+                steps=args.steps, warmup=args.warmup, stat=args.stat, peak_tflops=peak, torch=torch.__version__,
                 python=platform.python_version(), threads=torch.get_num_threads(), argv=sys.argv[1:],
                 drop_path=args.drop_path, ratio=args.ratio, optimizer="AdamW fused" if gpu else "AdamW")
     try:

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--max-steps", type=int, default=-1, help="overrides --epochs when > 0")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--lr", type=float, default=2e-4, help="high for BERT, but 64 steps from a new head")
     p.add_argument("--warmup-ratio", type=float, default=0.1, help="share of the steps spent warming up")
     p.add_argument("--max-length", type=int, default=32)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])

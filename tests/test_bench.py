@@ -136,3 +136,15 @@ def test_compiled_sub_branch_is_checked_for_masking(variant: str) -> None:
     model = build_model("tiny_vit")
     setting = Setting("tiny_vit", variant, "mask", "memory", compile=True)
     assert _compiled_sub_differs(setting, model, torch.randn(2, 3, 32, 32), None) is True
+
+
+def test_interleaved_run(tmp_path: Path) -> None:
+    rc = cli.main(["bench", "--device", "cpu", "--models", "tiny_vit", "--variants", "standard,masksub",
+                   "--orders", "memory", "--batch", "2", "--steps", "2", "--warmup", "0", "--interleave",
+                   "--stat", "min", "--out", str(tmp_path)])
+    assert rc == 0
+    res = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert res["meta"]["interleave"] is True and res["meta"]["stat"] == "min"
+    assert [r["label"] for r in res["rows"]] == ["standard", "masksub mask memory"]
+    for r in res["rows"]:
+        assert r["step_ms"] == r["step_ms_min"] > 0 and r["time_ratio"] > 0

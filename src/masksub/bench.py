@@ -121,6 +121,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for the JSON and table")
     parser.add_argument("--stat", choices=("median", "min"), default="median",
                         help="step time statistic (min suits a CPU shared with other work)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="time the eager settings of a model in turns, one step each (for a shared "
+                             "CPU/GPU; host-synced steps, no peak memory)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -132,8 +135,8 @@ def default_plan(models: tuple[str, ...], gpu: bool) -> list[Setting]:
         plan += [Setting(m, "masksub", "mask", o) for o in ORDERS]
         plan += [Setting(m, "part_main"), Setting(m, "part_sub", "mask"), Setting(m, "part_opt")]
     focus = "vit_b" if gpu else models[0]
-    plan += [Setting(focus, "standard", compile=True), Setting(focus, "off", compile=True),
-             Setting(focus, "paper", "mask", compile=True)]
+    # Compiled: no "off" row (its graph is the standard one); compilation is the plan's big cost.
+    plan += [Setting(focus, "standard", compile=True), Setting(focus, "paper", "mask", compile=True)]
     plan += [Setting(focus, "masksub", "mask", o, compile=True) for o in ORDERS]
     plan += [Setting(focus, "masksub", md, o) for md in ("dropout", "droppath") for o in ORDERS]
     return plan
@@ -224,9 +227,10 @@ def time_steps(step: Step, device: torch.device, warmup: int, steps: int) -> tup
     return times, peak, _graphs() - g0
 
 
-def measure(setting: Setting, base: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
-            args: argparse.Namespace, device: torch.device, amp: torch.dtype | None,
-            flop_cache: dict[tuple, dict[str, Any]]) -> dict[str, Any]:
+def build(setting: Setting, base: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+          args: argparse.Namespace, device: torch.device, amp: torch.dtype | None,
+          flop_cache: dict[tuple, dict[str, Any]]) -> tuple[Step, torch.nn.Module, dict[str, Any]]:
+    """A fresh copy of the model wired into the setting's step, and its counted FLOPs."""
     if setting.compile:
         torch._dynamo.reset()  # each compiled setting starts from empty caches, none shares a limit
     model = copy.deepcopy(base).to(device)  # the base stays on the host: not in this row's peak
@@ -248,27 +252,67 @@ def measure(setting: Setting, base: torch.nn.Module, x: torch.Tensor, y: torch.T
             main_f = count_flops(step.main)
             sub_f = count_flops(step.sub) if step.sub is not None else None
         flop_cache[key] = dict(step_flops=step_flops, main_fwd_flops=main_f, sub_fwd_flops=sub_f)
-    fl = flop_cache[key]
-    graphs0 = _graphs()
-    times, peak, recompiled = time_steps(step, device, args.warmup, args.steps)
+    return step, model, flop_cache[key]
+
+
+def make_row(setting: Setting, times: list[float], peak: int | None, fl: dict[str, Any], batch: int,
+             stat: str, graphs: int | None = None, graphs_timed: int | None = None) -> dict[str, Any]:
     row: dict[str, Any] = asdict(setting)
-    ms = statistics.median(times) if args.stat == "median" else min(times)
+    ms = statistics.median(times) if stat == "median" else min(times)
     row.update(
-        label=setting.label, batch=int(x.shape[0]), step_ms=ms, step_ms_median=statistics.median(times),
-        step_ms_min=min(times), step_ms_max=max(times), peak_bytes=peak,
-        images_per_s=x.shape[0] / (ms / 1e3),
+        label=setting.label, batch=batch, step_ms=ms, step_ms_median=statistics.median(times),
+        step_ms_min=min(times), step_ms_max=max(times), peak_bytes=peak, images_per_s=batch / (ms / 1e3),
         **fl,
         sub_flop_fraction=(fl["sub_fwd_flops"] / fl["main_fwd_flops"]) if fl["sub_fwd_flops"] else None,
-        graphs=(_graphs() - graphs0) if setting.compile else None,
-        graphs_in_timed_steps=recompiled if setting.compile else None,
+        graphs=graphs, graphs_in_timed_steps=graphs_timed,
     )
-    if setting.compile and setting.mode == "mask" and setting.order != "fused":
-        row["compiled_sub_differs"] = _compiled_sub_differs(setting, model, x, args.ratio)
-    del step, model
+    return row
+
+
+def _release(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def measure(setting: Setting, base: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+            args: argparse.Namespace, device: torch.device, amp: torch.dtype | None,
+            flop_cache: dict[tuple, dict[str, Any]]) -> dict[str, Any]:
+    """One setting on its own: warm-up, timed steps, peak memory of the timed steps."""
+    step, model, fl = build(setting, base, x, y, args=args, device=device, amp=amp, flop_cache=flop_cache)
+    graphs0 = _graphs()
+    times, peak, recompiled = time_steps(step, device, args.warmup, args.steps)
+    row = make_row(setting, times, peak, fl, int(x.shape[0]), args.stat,
+                   (_graphs() - graphs0) if setting.compile else None, recompiled if setting.compile else None)
+    if setting.compile and setting.mode == "mask" and setting.order != "fused":
+        row["compiled_sub_differs"] = _compiled_sub_differs(setting, model, x, args.ratio)
+    del step, model
+    _release(device)
     return row
+
+
+def measure_interleaved(settings: list[Setting], base: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+                        args: argparse.Namespace, device: torch.device, amp: torch.dtype | None,
+                        flop_cache: dict[tuple, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Eager settings side by side, one step of each in turn: load from other work on a shared
+    machine then falls on every setting alike. No peak memory (all copies are alive at once)."""
+    built = [build(s, base, x, y, args=args, device=device, amp=amp, flop_cache=flop_cache) for s in settings]
+    for _ in range(args.warmup):
+        for step, _m, _f in built:
+            step.run()
+    _sync(device)
+    times: list[list[float]] = [[] for _ in built]
+    for _ in range(args.steps):
+        for i, (step, _m, _f) in enumerate(built):
+            _sync(device)
+            t = time.perf_counter()
+            step.run()
+            _sync(device)
+            times[i].append((time.perf_counter() - t) * 1e3)
+    rows = [make_row(s, t, None, f, int(x.shape[0]), args.stat) for s, t, (_st, _m, f) in zip(settings, times, built, strict=True)]
+    del built
+    _release(device)
+    return rows
 
 
 def _compiled_sub_differs(setting: Setting, model: torch.nn.Module, x: torch.Tensor,
@@ -397,6 +441,11 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")
 
 
+def _progress(model_name: str, row: dict[str, Any]) -> None:
+    print(f"  {model_name:<11} {'compiled ' if row['compile'] else ''}{row['label']:<30} "
+          f"{row['step_ms']:8.2f} ms  ({row['wall_s']:.1f} s)", file=sys.stderr, flush=True)
+
+
 def main(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -417,7 +466,8 @@ def main(args: argparse.Namespace) -> int:
     name = device_name(device)
     peak = args.peak_tflops or (peak_tflops(name) if gpu else None)
     meta = dict(date=_dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), device=name, dtype=dtype_name,
-                steps=args.steps, warmup=args.warmup, stat=args.stat, peak_tflops=peak, torch=torch.__version__,
+                steps=args.steps, warmup=args.warmup, stat=args.stat, interleave=args.interleave,
+                peak_tflops=peak, torch=torch.__version__,
                 python=platform.python_version(), threads=torch.get_num_threads(), argv=sys.argv[1:],
                 drop_path=args.drop_path, ratio=args.ratio, optimizer="AdamW fused" if gpu else "AdamW")
     try:
@@ -439,13 +489,23 @@ def main(args: argparse.Namespace) -> int:
         b = batches[model_name]
         x = torch.randn(b, 3, spec.img, spec.img, device=device)
         y = torch.randint(0, spec.num_classes, (b,), device=device)
-        for setting in [s for s in plan if s.model == model_name]:
+        todo = [s for s in plan if s.model == model_name]
+        kw = dict(args=args, device=device, amp=amp, flop_cache=flop_cache)
+        if args.interleave:
             t = time.perf_counter()
-            row = measure(setting, base, x, y, args=args, device=device, amp=amp, flop_cache=flop_cache)
+            eager = [s for s in todo if not s.compile]
+            got = measure_interleaved(eager, base, x, y, **kw) if eager else []
+            for row in got:
+                row["wall_s"] = round((time.perf_counter() - t) / len(got), 2)
+                _progress(model_name, row)
+            rows += got
+            todo = [s for s in todo if s.compile]
+        for setting in todo:
+            t = time.perf_counter()
+            row = measure(setting, base, x, y, **kw)
             row["wall_s"] = round(time.perf_counter() - t, 2)
             rows.append(row)
-            print(f"  {model_name:<11} {'compiled ' if setting.compile else ''}{setting.label:<30} "
-                  f"{row['step_ms']:8.2f} ms  ({row['wall_s']:.1f} s)", file=sys.stderr, flush=True)
+            _progress(model_name, row)
         del base, x, y
     meta["wall_s"] = round(time.perf_counter() - t_start, 1)
     add_ratios(rows, peak)

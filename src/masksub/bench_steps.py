@@ -47,6 +47,9 @@ MODELS: dict[str, ModelSpec] = {
     # Tiny stand-ins with the same code paths, for CPU runs and the test suite.
     "tiny_vit": ModelSpec("vit_small_patch16_224", 8, 32, 10,
                           dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)),
+    # A ViT big enough for a CPU to be compute-bound (144 tokens, width 192), still no GPU.
+    "small_vit": ModelSpec("vit_small_patch16_224", 16, 96, 10,
+                           dict(img_size=96, patch_size=8, embed_dim=192, depth=4, num_heads=3)),
     "tiny_resnet": ModelSpec("resnet18", 8, 64, 10, dict(layers=(1, 1, 1, 1))),
     "tiny_swin": ModelSpec("swin_tiny_patch4_window7_224", 8, 64, 10,
                            dict(img_size=64, window_size=4, embed_dim=32, depths=(1, 1), num_heads=(1, 2))),

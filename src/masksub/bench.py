@@ -198,6 +198,23 @@ def _graphs() -> int:
     return int(counters["stats"].get("unique_graphs", 0))
 
 
+def count_host_syncs(step: Step, device: torch.device) -> int | None:
+    """Host syncs in one (warm) step, from CUDA's sync debug mode; None off CUDA. A sync stalls
+    the CPU until the GPU drains, so kernel launches stop overlapping with GPU work."""
+    if device.type != "cuda":
+        return None
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step.run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+
 def time_steps(step: Step, device: torch.device, warmup: int, steps: int) -> tuple[list[float], int | None, int]:
     """Per-step milliseconds, peak bytes during the timed steps (None on CPU), graphs compiled
     during the timed steps (should be 0: a recompile there means a shape or guard keeps changing)."""
@@ -282,8 +299,10 @@ def measure(setting: Setting, base: torch.nn.Module, x: torch.Tensor, y: torch.T
     step, model, fl = build(setting, base, x, y, args=args, device=device, amp=amp, flop_cache=flop_cache)
     graphs0 = _graphs()
     times, peak, recompiled = time_steps(step, device, args.warmup, args.steps)
+    syncs = count_host_syncs(step, device)
     row = make_row(setting, times, peak, fl, int(x.shape[0]), args.stat,
                    (_graphs() - graphs0) if setting.compile else None, recompiled if setting.compile else None)
+    row["host_syncs"] = syncs
     if setting.compile and setting.mode == "mask" and setting.order != "fused":
         row["compiled_sub_differs"] = _compiled_sub_differs(setting, model, x, args.ratio)
     del step, model
@@ -414,6 +433,9 @@ def table(rows: list[dict[str, Any]], goals: list[dict[str, Any]], meta: dict[st
         if r.get("compiled_sub_differs") is False:
             lines.append(f"WARNING {r['model']} compiled {r['label']}: the compiled sub forward equals the main "
                          "forward (no masking under torch.compile); its time is not a MaskSub step")
+        if r.get("host_syncs"):
+            lines.append(f"NOTE {r['model']} {r['label']}: {r['host_syncs']} host sync(s) per step "
+                         "(torch.cuda.set_sync_debug_mode)")
         if r.get("graphs_in_timed_steps"):
             lines.append(f"WARNING {r['model']} compiled {r['label']}: {r['graphs_in_timed_steps']} graph(s) "
                          "compiled during the timed steps (a guard keeps failing); raise --warmup or fix the cause")

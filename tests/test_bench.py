@@ -148,3 +148,13 @@ def test_interleaved_run(tmp_path: Path) -> None:
     assert [r["label"] for r in res["rows"]] == ["standard", "masksub mask memory"]
     for r in res["rows"]:
         assert r["step_ms"] == r["step_ms_min"] > 0 and r["time_ratio"] > 0
+
+
+@pytest.mark.parametrize("flags", [["--ratio", "1.5"], ["--drop-path", "-0.1"], ["--steps", "0"]])
+def test_bad_numbers_fail_before_any_work(flags: list[str], tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    rc = cli.main(["bench", "--device", "cpu", "--models", "tiny_vit", *flags, "--out", str(tmp_path)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "masksub bench: error:" in err and flags[0].lstrip("-").split("-")[0] in err
+    assert not list(tmp_path.iterdir())

@@ -36,7 +36,7 @@ from .bench_steps import (
     build_model,
     make_step,
 )
-from .errors import MaskSubError
+from .errors import MaskSubError, check_ratio
 from .flops import count_flops, device_name, mfu, peak_tflops
 
 MODES = ("mask", "dropout", "droppath")
@@ -306,6 +306,8 @@ def measure(setting: Setting, base: torch.nn.Module, x: torch.Tensor, y: torch.T
     if setting.compile and setting.mode == "mask" and setting.order != "fused":
         row["compiled_sub_differs"] = _compiled_sub_differs(setting, model, x, args.ratio)
     del step, model
+    if setting.compile:
+        torch._dynamo.reset()  # compiled code must not keep this row's model alive into the next
     _release(device)
     return row
 
@@ -479,6 +481,9 @@ def main(args: argparse.Namespace) -> int:
     args.warmup = args.warmup if args.warmup is not None else (8 if gpu else 1)
     if args.steps < 1 or args.warmup < 0:
         raise MaskSubError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+    if args.ratio is not None:
+        check_ratio(args.ratio, "--ratio", allow_zero=False)
+    check_ratio(args.drop_path, "--drop-path")
     dtype_name = args.dtype or ("bf16" if gpu else "fp32")
     amp = DTYPES[dtype_name]
     custom = any(v is not None for v in (args.modes, args.orders, args.variants, args.compile))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The step-cost benchmark of issue 5 on one GPU (H100 / H200), from source:
 #
-#     bash benchmarks/run_gpu.sh                 # the default plan, about 8 minutes
+#     bash benchmarks/run_gpu.sh                 # the default plan, est. 6-10 minutes (not yet timed)
 #     bash benchmarks/run_gpu.sh --models vit_b --compile both   # any other plan: bench flags
 #
 # Writes benchmarks/results/<date>_<gpu>.json (every row, the breakdown, the goals) and .txt

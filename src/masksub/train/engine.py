@@ -186,7 +186,8 @@ class Trainer:
         except (ValueError, KeyError) as e:
             raise MaskSubError(f"checkpoint {path}: optimizer state does not fit this optimizer ({e}); "
                                "resume with the same opt / layer_decay") from None
-        self.scaler.load_state_dict(ck["scaler"]) if ck.get("scaler") else None
+        if ck.get("scaler"):
+            self.scaler.load_state_dict(ck["scaler"])
         if self.ema is not None:
             if ck.get("ema") is None:
                 raise MaskSubError(f"checkpoint {path} has no EMA weights but this run has ema: true")
@@ -271,9 +272,11 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         if cfg.clip_grad:
             torch.nn.utils.clip_grad_norm_(self.model_raw.parameters(), cfg.clip_grad)
-        self.scaler.step(self.optimizer) if self.scaler.is_enabled() else self.optimizer.step()
         if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)
             self.scaler.update()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self.model_raw, step=self.global_step)

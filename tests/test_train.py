@@ -111,7 +111,7 @@ def test_unknown_recipe_and_bad_value(tmp_path: Path, capsys) -> None:
     assert main(["train", "--recipe", "fashion-mnist-quik"]) == 2
     assert "did you mean fashion-mnist-quick" in capsys.readouterr().err
     err = _err(tmp_path, capsys, "--set", "batch_size=many")
-    assert "batch_size must be a int" in err
+    assert "batch_size must be of type int" in err
     err = _err(tmp_path, capsys, "--sub", "masks")
     assert "did you mean 'mask'" in err
 

@@ -205,7 +205,7 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         pass
     else:
         return value
-    raise MaskSubError(f"{where}: {key} must be a {base.__name__}, got {value!r}")
+    raise MaskSubError(f"{where}: {key} must be of type {base.__name__}, got {value!r}")
 
 
 def apply(cfg: Config, values: dict[str, Any], where: str) -> Config:

@@ -48,6 +48,9 @@ def test_compare_quick_writes_table_plots_and_json(tmp_path: Path) -> None:
     ep = ms_run["epochs"][-1]
     assert ep["train_loss_unmasked"] > 0 and ep["train_loss_masked"] > 0
     assert ep["grad_norm_main"] > 0 and ep["grad_norm_sub"] > 0
+    for setting in ("baseline", "masking"):  # one branch each: its norm, and no sub norm
+        ep = next(r for r in res["runs"] if r["setting"] == setting)["epochs"][-1]
+        assert ep["grad_norm_main"] > 0 and "grad_norm_sub" not in ep
     assert "| masksub | 0 |" in (out / "results.md").read_text()
 
 

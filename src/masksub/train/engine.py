@@ -227,8 +227,8 @@ class Trainer:
         """One optimizer update of ``accum_steps`` micro-batches; False if it was skipped."""
         cfg, ms = self.cfg, self.ms
         crit = self._criterion()
-        gn = (cfg.analysis and ms.branch is not None and not cfg.masking_only
-              and self.global_step % cfg.grad_norm_every == 0)
+        # per-branch gradient norms (Figure 2d); the baseline and masking-only runs have one branch
+        gn = cfg.analysis and self.global_step % cfg.grad_norm_every == 0
         total = torch.zeros((), device=self.device)
         lm = torch.zeros((), device=self.device)
         ls = torch.zeros((), device=self.device)
@@ -259,6 +259,9 @@ class Trainer:
                     ls += out.loss_sub
                 if out.grad_norm_main is not None:
                     gnm, gns = out.grad_norm_main, out.grad_norm_sub
+        if gn and cfg.masking_only:  # one branch: its gradient is the whole gradient
+            grads = [p.grad.detach().float().norm() for p in self.model_raw.parameters() if p.grad is not None]
+            gnm = torch.stack(grads).norm() / (self.scaler.get_scale() if self.scaler.is_enabled() else 1.0)
         k = cfg.accum_steps
         finite = bool(torch.isfinite(total).item())  # the one per-step sync: never step on NaN
         finite = not D.any_flag(not finite, self.dist, self.device)
@@ -392,7 +395,8 @@ class Trainer:
                     win_imgs += n_img
                     if gnm is not None:
                         self.acc["gn_main"] += gnm.to(self.device)
-                        self.acc["gn_sub"] += gns.to(self.device)
+                        if gns is not None:
+                            self.acc["gn_sub"] += gns.to(self.device)
                         self.acc["gn_n"] += 1
                     self.nonfinite_run = 0
                 else:
@@ -476,7 +480,9 @@ class Trainer:
         if cfg.analysis and self.acc["gn_n"]:
             g = D.all_sum(torch.stack([self.acc["gn_main"], self.acc["gn_sub"]]).double(), self.dist)
             g = g / (self.acc["gn_n"] * self.dist.world)
-            rec["grad_norm_main"], rec["grad_norm_sub"] = g[0].item(), g[1].item()
+            rec["grad_norm_main"] = g[0].item()
+            if self.ms.branch is not None and not cfg.masking_only:
+                rec["grad_norm_sub"] = g[1].item()
         rec["lr"] = self.optimizer.param_groups[0]["lr"]
         rec["time_s"] = self.acc["time_s"]
         rec["skipped_nonfinite"] = self.acc["skipped"]

@@ -10,13 +10,7 @@
 # and one run directory per setting and seed (metrics.jsonl, config.yaml, summary.json).
 # The data set is held on the GPU and augmented there (crop pad 2 + flip).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PY="${PYTHON:-}"
-if [ -z "$PY" ]; then
-    if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
-fi
-export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
-"$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA GPU visible to torch")'
+source "$(dirname "$0")/gpu_python.sh"
 OUT=benchmarks/results/fashion-mnist-compare
 "$PY" -m masksub.cli compare --recipe fashion-mnist --settings baseline,masking,masksub,samebudget \
     --seeds 0,1 --out "$OUT" --no-progress "$@"

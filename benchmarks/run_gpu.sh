@@ -8,11 +8,5 @@
 # (the table that is also printed). Needs torch with CUDA and timm; no download (random
 # weights and data). PYTHON=... picks the interpreter (default: .venv/bin/python, else python3).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PY="${PYTHON:-}"
-if [ -z "$PY" ]; then
-    if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
-fi
-export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
-"$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA GPU visible to torch")'
+source "$(dirname "$0")/gpu_python.sh"
 "$PY" -m masksub.cli bench "$@"

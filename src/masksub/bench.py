@@ -36,11 +36,11 @@ from .bench_steps import (
     build_model,
     make_step,
 )
+from .branches.base import MODES
 from .errors import MaskSubError, check_ratio
 from .flops import count_flops, device_name, mfu, peak_tflops
+from .step import ORDERS
 
-MODES = ("mask", "dropout", "droppath")
-ORDERS = ("memory", "fused")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 # The goals: (model, mode, what, limit). Time goals are the MaskSub memory-order step

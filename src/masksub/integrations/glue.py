@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..branches import MODES
 from ..errors import MaskSubError
 from . import glue_metrics
 
@@ -45,7 +46,7 @@ SUFFIXES = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".p
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, choices=sorted(TASKS), help="GLUE task")
     p.add_argument("--model", required=True, help="Hugging Face model name or local directory")
-    p.add_argument("--sub", default="mask", choices=["none", "mask", "dropout", "droppath"],
+    p.add_argument("--sub", default="mask", choices=("none", *MODES),
                    help="sub-branch: none (baseline), mask (MaskSub, 15%% [MASK]), dropout, droppath")
     p.add_argument("--ratio", type=float, default=None,
                    help="mask ratio / p_sub / drop-path increase (default: paper's 0.15 / 0.2 / 0.1)")

@@ -19,12 +19,12 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import nested_gather
 from transformers.training_args import OptimizerNames
 
-from ..branches import Family, build_branch, resolve_ratio, sub_branch, unwrap
+from ..branches import MODES, Family, build_branch, resolve_ratio, sub_branch, unwrap
 from ..errors import MaskSubError
 from ..loss import relaxed_loss
 from ..step import logits_of
 
-SUB_MODES = ("none", "mask", "dropout", "droppath")
+SUB_MODES = ("none", *MODES)
 
 
 class MaskSubTrainer(Trainer):

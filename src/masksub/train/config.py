@@ -15,9 +15,11 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from ..branches.base import MODES
 from ..errors import MaskSubError, check_ratio
+from ..step import ORDERS
 
-SUBS = ("none", "mask", "dropout", "droppath")
+SUBS = ("none", *MODES)
 AMPS = ("none", "bf16", "fp16")
 AUGS = ("timm", "3aug", "crop_flip", "none")
 
@@ -277,7 +279,7 @@ def validate(cfg: Config) -> None:
     choice("sub", SUBS)
     choice("amp", AMPS)
     choice("aug", AUGS)
-    choice("order", ("memory", "fused"))
+    choice("order", ORDERS)
     if cfg.ratio is not None:  # checked even with sub=none, where the baseline ignores it
         what = {"mask": "ratio (mask ratio)", "dropout": "ratio (dropout p_sub)",
                 "droppath": "ratio (drop-path increase)", "none": "ratio"}[cfg.sub]

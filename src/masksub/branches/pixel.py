@@ -7,6 +7,7 @@ every image, so a CNN needs no change at all. The sub forward costs one main for
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,11 +21,7 @@ from .masks import random_mask
 def mask_pixels(x: Tensor, ratio: float, patch_size: int) -> Tensor:
     """Zero ``round(ratio * n)`` of the ``patch_size`` x ``patch_size`` squares of each image."""
     b, _, h, w = x.shape
-    if h % patch_size or w % patch_size:
-        raise MaskSubError(
-            f"image size {h}x{w} is not divisible by the mask patch_size {patch_size}; "
-            f"pick a patch_size that divides both (e.g. {_divisor_hint(h, w)}) or resize the images"
-        )
+    check_divisible(h, w, patch_size)
     gh, gw = h // patch_size, w // patch_size
     m = random_mask(b, gh * gw, ratio, x.device).view(b, 1, gh, 1, gw, 1)
     if x.is_contiguous():  # broadcast the patch mask: no image-sized mask is materialised
@@ -53,13 +50,7 @@ class PixelMask(Family):
         if not isinstance(x, Tensor) or x.ndim != 4:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise MaskSubError(f"pixel masking takes NCHW image batches, got {shape}; pass mask_fn= for other inputs")
-        h, w = x.shape[-2:]
-        p = self.patch_size
-        if h % p or w % p:
-            raise MaskSubError(
-                f"image size {h}x{w} is not divisible by the mask patch_size {p}; "
-                f"pick a patch_size that divides both (e.g. {_divisor_hint(h, w)}) or resize the images"
-            )
+        check_divisible(x.shape[-2], x.shape[-1], self.patch_size)
 
     @contextlib.contextmanager
     def apply(self, model: nn.Module, ratio: float) -> Iterator[None]:
@@ -70,11 +61,12 @@ class PixelMask(Family):
             yield
 
 
-def _divisor_hint(h: int, w: int) -> int:
-    import math
-
-    g = math.gcd(h, w)
-    for d in (32, 16, 14, 8, 7, 4, 2):
-        if g % d == 0:
-            return d
-    return 1
+def check_divisible(h: int, w: int, patch_size: int) -> None:
+    """The image must tile into whole mask squares; the message suggests a size that does."""
+    if h % patch_size or w % patch_size:
+        g = math.gcd(h, w)
+        hint = next((d for d in (32, 16, 14, 8, 7, 4, 2) if g % d == 0), 1)
+        raise MaskSubError(
+            f"image size {h}x{w} is not divisible by the mask patch_size {patch_size}; "
+            f"pick a patch_size that divides both (e.g. {hint}) or resize the images"
+        )

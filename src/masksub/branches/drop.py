@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from torch import Tensor, nn
@@ -45,6 +45,20 @@ def _drop_path_attr(m: nn.Module) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _set_rates(changes: Iterable[tuple[nn.Module, str, float]]) -> Iterator[None]:
+    """Set each ``(module, attribute, rate)``; every old rate is back on exit, also on error."""
+    saved: list[tuple[nn.Module, str, float]] = []
+    try:
+        for m, attr, rate in changes:
+            saved.append((m, attr, getattr(m, attr)))
+            setattr(m, attr, rate)
+        yield
+    finally:
+        for m, attr, old in reversed(saved):
+            setattr(m, attr, old)
+
+
 class DropPath(nn.Module):
     """Stochastic depth on the batch dimension, for slots a model left empty at rate 0."""
 
@@ -78,17 +92,8 @@ class DropSub(Family):
                 "its dropout layers (timm: drop_rate / proj_drop_rate; HF: hidden_dropout_prob) or use mode='mask'"
             )
 
-    @contextlib.contextmanager
-    def apply(self, model: nn.Module, ratio: float) -> Iterator[None]:
-        saved: list[tuple[Any, str, float]] = []
-        try:
-            for m, attr in self._slots.get(model, _dropout_slots):
-                saved.append((m, attr, getattr(m, attr)))
-                setattr(m, attr, ratio)
-            yield
-        finally:
-            for m, attr, v in reversed(saved):
-                setattr(m, attr, v)
+    def apply(self, model: nn.Module, ratio: float) -> contextlib.AbstractContextManager:
+        return _set_rates((m, a, ratio) for m, a in self._slots.get(model, _dropout_slots))
 
 
 def _drop_path_slots(model: nn.Module) -> tuple[list[tuple[nn.Module, str]], list[tuple[nn.Module, str]]]:
@@ -137,27 +142,22 @@ class PathSub(Family):
     def apply(self, model: nn.Module, ratio: float) -> Iterator[None]:
         paths, empty = self._slots.get(model, _drop_path_slots)
         self.check(model, ratio)
-        saved: list[tuple[nn.Module, str, float]] = []
+        fill = self._fill  # stateless: one serves every slot, and every step
+        fill.drop_prob = ratio
+        fill.train(model.training)
         swapped: list[tuple[nn.Module, str, Any, bool]] = []
-        try:
-            for m, a in paths:
-                saved.append((m, a, getattr(m, a)))
-                setattr(m, a, getattr(m, a) + ratio)
-            fill = self._fill  # stateless: one serves every slot, and every step
-            fill.drop_prob = ratio
-            fill.train(model.training)
-            for m, name in empty:
-                in_modules = name in m._modules
-                old = m._modules[name] if in_modules else m.__dict__.pop(name)
-                swapped.append((m, name, old, in_modules))
-                m._modules[name] = fill
-            yield
-        finally:
-            for m, a, p in reversed(saved):
-                setattr(m, a, p)
-            for m, name, old, in_modules in reversed(swapped):
-                if in_modules:
-                    m._modules[name] = old
-                else:
-                    del m._modules[name]
-                    m.__dict__[name] = old
+        with _set_rates((m, a, getattr(m, a) + ratio) for m, a in paths):
+            try:
+                for m, name in empty:
+                    in_modules = name in m._modules
+                    old = m._modules[name] if in_modules else m.__dict__.pop(name)
+                    swapped.append((m, name, old, in_modules))
+                    m._modules[name] = fill
+                yield
+            finally:
+                for m, name, old, in_modules in reversed(swapped):
+                    if in_modules:
+                        m._modules[name] = old
+                    else:
+                        del m._modules[name]
+                        m.__dict__[name] = old

@@ -64,15 +64,10 @@ def _grads(params: list[nn.Parameter]) -> list[Tensor | None]:
 
 
 def _norm_of_diff(params: list[nn.Parameter], before: list[Tensor | None], scale: float) -> Tensor:
-    parts = []
-    for p, b in zip(params, before, strict=True):
-        if p.grad is None:
-            continue
-        g = p.grad.detach() if b is None else p.grad.detach() - b
-        parts.append(g.float().pow(2).sum())
-    if not parts:
-        return torch.zeros(())
-    return torch.stack(parts).sum().sqrt() / scale
+    """The norm of what was added to ``.grad`` since ``before``, as ``clip_grad_norm_`` takes it."""
+    added = [p.grad.detach() if b is None else p.grad.detach() - b
+             for p, b in zip(params, before, strict=True) if p.grad is not None]
+    return torch.nn.utils.get_total_norm(added) / scale
 
 
 class MaskSub:

@@ -55,11 +55,17 @@ def all_sum(t: Tensor, d: Dist) -> Tensor:
     return t
 
 
-def any_flag(flag: bool, d: Dist, device: torch.device) -> bool:
-    """True if any rank says so: every rank must stop (or save) at the same step."""
+def any_flag(flag: bool | Tensor, d: Dist, device: torch.device) -> bool:
+    """True if any rank says so: every rank must stop (or save) at the same step.
+
+    A 0-d tensor flag is reduced on the device, so reading the result is the one host sync.
+    """
     if not d.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return bool(flag)
+    if isinstance(flag, Tensor):
+        t = flag.detach().reshape(1).to(device=device, dtype=torch.float32)
+    else:
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 

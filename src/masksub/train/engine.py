@@ -263,9 +263,8 @@ class Trainer:
             grads = [p.grad.detach().float().norm() for p in self.model_raw.parameters() if p.grad is not None]
             gnm = torch.stack(grads).norm() / (self.scaler.get_scale() if self.scaler.is_enabled() else 1.0)
         k = cfg.accum_steps
-        finite = bool(torch.isfinite(total).item())  # the one per-step sync: never step on NaN
-        finite = not D.any_flag(not finite, self.dist, self.device)
-        if not finite:
+        # the one per-step sync (after the all-reduce under DDP): never step on NaN
+        if D.any_flag(~torch.isfinite(total), self.dist, self.device):
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler.is_enabled():
                 self.scaler.update(self.scaler.get_scale() * 0.5)
@@ -348,16 +347,21 @@ class Trainer:
                 signal.signal(s, h)
             self.log.close()
 
-    def _log_step(self, t0: float, imgs: int) -> None:
+    def _new_win(self) -> dict[str, Any]:
+        """The losses, update count, images and start time since the last step line."""
+        z = torch.zeros((), device=self.device)
+        return {"lm": z, "ls": z.clone(), "n": 0, "imgs": 0, "t0": time.perf_counter()}
+
+    def _log_step(self) -> dict[str, Any]:
         win = D.all_sum(torch.stack([self._win["lm"], self._win["ls"],
                                      torch.tensor(float(self._win["n"]), device=self.device)]), self.dist)
         lm, ls, n = win[0], win[1], max(win[2].item(), 1.0)
-        dt = max(time.perf_counter() - t0, 1e-9)
+        dt = max(time.perf_counter() - self._win["t0"], 1e-9)
         rec = {"kind": "step", "step": self.global_step, "epoch": self.epoch,
                "loss_main": (lm / n).item(),
                "loss_sub": (ls / n).item() if self.ms.branch is not None and not self.cfg.masking_only else None,
                "lr": self.optimizer.param_groups[0]["lr"],
-               "imgs_per_s": imgs * self.dist.world / dt, "skipped_nonfinite": self.nonfinite_total}
+               "imgs_per_s": self._win["imgs"] * self.dist.world / dt, "skipped_nonfinite": self.nonfinite_total}
         self.log.write(rec, tb_step=self.global_step)
         return rec
 
@@ -380,8 +384,7 @@ class Trainer:
             self._it = self.train_data.iterate(self.epoch, self.step_in_epoch * cfg.accum_steps)
             bar = progress(upe, f"epoch {self.epoch + 1}/{cfg.epochs}", enabled=main and cfg.progress,
                            initial=self.step_in_epoch)
-            self._win = {"lm": torch.zeros((), device=self.device), "ls": torch.zeros((), device=self.device), "n": 0}
-            win_t0, win_imgs = time.perf_counter(), 0
+            self._win = self._new_win()
             while self.step_in_epoch < upe:
                 ok, res = self._update()
                 if ok:
@@ -392,7 +395,7 @@ class Trainer:
                     self._win["lm"] += lm
                     self._win["ls"] += ls
                     self._win["n"] += 1
-                    win_imgs += n_img
+                    self._win["imgs"] += n_img
                     if gnm is not None:
                         self.acc["gn_main"] += gnm.to(self.device)
                         if gns is not None:
@@ -420,12 +423,10 @@ class Trainer:
                         "Lower lr, raise warmup_epochs, set clip_grad, or use bf16 instead of fp16"
                     )
                 if self._win["n"] and self.global_step % cfg.log_every == 0:
-                    rec = self._log_step(win_t0, win_imgs)
+                    rec = self._log_step()
                     if main and cfg.progress:
                         bar.set_postfix(loss=f"{rec['loss_main']:.3f}", lr=f"{rec['lr']:.2e}", refresh=False)
-                    self._win = {"lm": torch.zeros((), device=self.device),
-                                 "ls": torch.zeros((), device=self.device), "n": 0}
-                    win_t0, win_imgs = time.perf_counter(), 0
+                    self._win = self._new_win()
                 end_of_epoch = self.step_in_epoch >= upe
                 sig = D.any_flag(self._stop_signal is not None, self.dist, self.device)
                 if sig:

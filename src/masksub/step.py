@@ -58,6 +58,21 @@ def logits_of(out: Any) -> Tensor:
     )
 
 
+def model_autocast(model: nn.Module, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to ``dtype`` on the model's device; nothing when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=next(model.parameters()).device.type, dtype=dtype)
+
+
+def ddp_no_sync(model: nn.Module, skip: bool = True) -> contextlib.AbstractContextManager:
+    """DDP's ``no_sync()`` (no all-reduce in the backward inside) when ``skip``; nothing for a
+    model that has none."""
+    if skip and hasattr(model, "no_sync") and hasattr(model, "require_backward_grad_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
 def _grads(params: list[nn.Parameter]) -> list[Tensor | None]:
     """Copies of the current gradients (None stays None: nothing to copy after zero_grad)."""
     return [None if p.grad is None else p.grad.detach().clone() for p in params]
@@ -132,10 +147,7 @@ class MaskSub:
 
     # -- pieces a custom loop can use on its own -------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        device = next(self.model.parameters()).device.type
-        return torch.autocast(device_type=device, dtype=self.amp_dtype)
+        return model_autocast(self.model, self.amp_dtype)
 
     @contextlib.contextmanager
     def sub(self) -> Iterator[nn.Module]:
@@ -168,8 +180,6 @@ class MaskSub:
         """
         self.validate(x)  # shape checks only, every step: a bad batch fails before any work
         model = self.model
-        is_ddp = hasattr(model, "no_sync") and hasattr(model, "require_backward_grad_sync")
-        no_sync = model.no_sync if is_ddp else contextlib.nullcontext
         scale = float(scaler.get_scale()) if (grad_norms and scaler is not None and scaler.is_enabled()) else 1.0
         params = [p for p in model.parameters() if p.requires_grad] if grad_norms else []
 
@@ -186,7 +196,7 @@ class MaskSub:
             return loss
 
         if self.branch is None:  # plain step
-            with no_sync() if not sync else contextlib.nullcontext():
+            with ddp_no_sync(model, not sync):
                 main = self.forward_main(x)
                 loss_main = _main_loss(main)
                 before = _grads(params) if grad_norms else None
@@ -198,7 +208,7 @@ class MaskSub:
 
         wm, ws = self.main_weight * loss_scale, self.sub_weight * loss_scale
         if self.order == "memory":
-            with no_sync() if is_ddp else contextlib.nullcontext():
+            with ddp_no_sync(model):
                 main = self.forward_main(x)
                 loss_main = _main_loss(main)
                 before = _grads(params) if grad_norms else None
@@ -207,7 +217,7 @@ class MaskSub:
             if grad_norms:  # the main part now, before the sub backward adds to .grad
                 norm_main = _norm_of_diff(params, before, scale)
                 mid = _grads(params)
-            with no_sync() if not sync else contextlib.nullcontext():
+            with ddp_no_sync(model, not sync):
                 sub = self.forward_sub(x)
                 loss_sub = relaxed_loss(sub, main, self.kind)
                 _bw(loss_sub * ws)
@@ -218,7 +228,7 @@ class MaskSub:
         else:
             if grad_norms:
                 raise MaskSubError("grad_norms=True needs order='memory' (the fused order has one backward)")
-            with no_sync() if not sync else contextlib.nullcontext():
+            with ddp_no_sync(model, not sync):
                 main = self.forward_main(x)
                 loss_main = _main_loss(main)
                 sub = self.forward_sub(x)

@@ -20,6 +20,7 @@ leaves the text tower without gradient in the second backward, so build DDP with
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,7 @@ from ..branches import resolve_ratio, sub_branch, unwrap
 from ..branches.vit import TokenRemoval
 from ..errors import MaskSubError
 from ..loss import relaxed_loss
+from ..step import ddp_no_sync, model_autocast
 
 TEXT_MODES = ("shared", "detached")
 
@@ -128,10 +130,7 @@ class ClipMaskSub:
                 pass
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        device = next(self.model.parameters()).device.type
-        return torch.autocast(device_type=device, dtype=self.amp_dtype)
+        return model_autocast(self.model, self.amp_dtype)
 
     def logits(self, img: Tensor, txt: Tensor, scale: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
         return self.loss_fn.get_logits(img, txt, scale, bias)
@@ -149,14 +148,11 @@ class ClipMaskSub:
                  sync: bool = True, loss_scale: float = 1.0) -> ClipStepOutput:
         """Main and sub forward + backward; the gradients of both losses end summed in ``.grad``."""
         model = self.model
-        is_ddp = hasattr(model, "no_sync") and hasattr(model, "require_backward_grad_sync")
-        no_sync = model.no_sync if is_ddp else contextlib.nullcontext
 
         def bw(loss: Tensor) -> None:
             (scaler.scale(loss) if scaler is not None else loss).backward()
 
-        outer = no_sync() if not sync else contextlib.nullcontext()
-        with outer:
+        with ddp_no_sync(model, not sync):
             with self._autocast():
                 img, txt, scale, bias = clip_features(model, images, texts)
                 main = self.logits(img, txt, scale, bias)
@@ -175,7 +171,7 @@ class ClipMaskSub:
             else:
                 txt_d = txt.detach()
                 # memory order: free the main graph before the masked forward
-                with no_sync() if (is_ddp and sync) else contextlib.nullcontext():
+                with ddp_no_sync(model, sync):
                     bw(loss_main * wm)
                 del img, txt, main
                 with self._autocast(), masked_image_tower(model, self.ratio):
@@ -191,7 +187,7 @@ def clamp_logit_scale(model: nn.Module, max_scale: float = 100.0) -> None:
     """open_clip's training clamps the learned temperature at ln(100) after each step."""
     inner = unwrap(model)
     with torch.no_grad():
-        inner.logit_scale.clamp_(0, float(torch.log(torch.tensor(max_scale))))
+        inner.logit_scale.clamp_(0, math.log(max_scale))
 
 
 __all__ = ["ClipMaskSub", "ClipStepOutput", "TEXT_MODES", "clamp_logit_scale", "clip_features",

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .. import MaskSub
 from ..errors import MaskSubError
+from ..step import ddp_no_sync
 from . import checkpoint as ckpt_mod
 from . import distributed as D
 from .build import (
@@ -242,9 +243,7 @@ class Trainer:
             last = i == cfg.accum_steps - 1
             scale = 1.0 / cfg.accum_steps
             if cfg.masking_only:  # Eq. (2): the only branch sees masked input, learns the labels
-                net = ms.model
-                sync = contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()
-                with sync:
+                with ddp_no_sync(ms.model, not last):
                     loss = crit(ms.forward_sub(x), y)
                     self.scaler.scale(loss * scale).backward()
                 loss = loss.detach()
@@ -260,8 +259,8 @@ class Trainer:
                 if out.grad_norm_main is not None:
                     gnm, gns = out.grad_norm_main, out.grad_norm_sub
         if gn and cfg.masking_only:  # one branch: its gradient is the whole gradient
-            grads = [p.grad.detach().float().norm() for p in self.model_raw.parameters() if p.grad is not None]
-            gnm = torch.stack(grads).norm() / (self.scaler.get_scale() if self.scaler.is_enabled() else 1.0)
+            grads = [p.grad.detach() for p in self.model_raw.parameters() if p.grad is not None]
+            gnm = torch.nn.utils.get_total_norm(grads) / (self.scaler.get_scale() if self.scaler.is_enabled() else 1.0)
         k = cfg.accum_steps
         # the one per-step sync (after the all-reduce under DDP): never step on NaN
         if D.any_flag(~torch.isfinite(total), self.dist, self.device):

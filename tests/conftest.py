@@ -55,6 +55,20 @@ def tiny_bert(**kw):
     return BertForSequenceClassification(BertConfig(**args))
 
 
+def assert_fails_before_forward(model, call, match):
+    """``call()`` raises MaskSubError(match) before ``model`` has run a single forward."""
+    from masksub import MaskSubError
+
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        with pytest.raises(MaskSubError, match=match):
+            call()
+    finally:
+        handle.remove()
+    assert calls == [], "the model ran a forward before the error"
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_resnet
+from conftest import assert_fails_before_forward, tiny_bert, tiny_resnet
 from torch import nn
 
 from masksub import MaskSub, MaskSubError, sub_branch
@@ -48,11 +48,9 @@ def test_pixel_default_patch_is_32():
 def test_pixel_size_not_divisible_fails_before_any_forward():
     model = tiny_resnet()
     ms = MaskSub(model, "mask", 0.5, patch_size=32)
-    calls = []
-    model.register_forward_pre_hook(lambda m, a: calls.append(1))
-    with pytest.raises(MaskSubError, match=r"image size 48x48 is not divisible by the mask patch_size 32"):
-        ms.backward(torch.randn(2, 3, 48, 48), torch.tensor([0, 1]), nn.CrossEntropyLoss())
-    assert calls == []
+    assert_fails_before_forward(
+        model, lambda: ms.backward(torch.randn(2, 3, 48, 48), torch.tensor([0, 1]), nn.CrossEntropyLoss()),
+        r"image size 48x48 is not divisible by the mask patch_size 32")
     assert all(p.grad is None for p in model.parameters())
     with pytest.raises(MaskSubError, match="not divisible"), sub_branch(model, "mask", 0.5):
         model(torch.randn(1, 3, 40, 40))

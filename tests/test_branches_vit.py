@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_vit
+from conftest import assert_fails_before_forward, tiny_vit
 from torch import nn
 
 import masksub
@@ -100,15 +100,11 @@ def test_sub_gradient_reaches_every_block_parameter():
 
 
 def test_image_size_mismatch_fails_before_any_forward():
-    from masksub import MaskSubError
-
     model = tiny_vit(img_size=32)
     ms = MaskSub(model, "mask", 0.5)
-    calls = []
-    model.register_forward_pre_hook(lambda m, a: calls.append(1))
-    with pytest.raises(MaskSubError, match="image size 48x48 does not match the ViT's img_size 32x32"):
-        ms.backward(torch.randn(2, 3, 48, 48), torch.tensor([0, 1]), nn.CrossEntropyLoss())
-    assert calls == []
+    assert_fails_before_forward(
+        model, lambda: ms.backward(torch.randn(2, 3, 48, 48), torch.tensor([0, 1]), nn.CrossEntropyLoss()),
+        "image size 48x48 does not match the ViT's img_size 32x32")
     dyn = tiny_vit(img_size=32, dynamic_img_size=True)
     out = MaskSub(dyn, "mask", 0.5).backward(torch.randn(2, 3, 48, 48), torch.tensor([0, 1]),
                                             nn.CrossEntropyLoss())

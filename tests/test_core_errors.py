@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_resnet, tiny_vit
+from conftest import assert_fails_before_forward, tiny_resnet, tiny_vit
 from torch import nn
 
 from masksub import MaskSub, MaskSubError, relaxed_loss, sub_branch
@@ -115,11 +115,9 @@ def test_criterion_returning_non_scalar(vit, crit, order):
 
 def test_grad_norms_need_memory_order(vit):
     ms = MaskSub(vit, "mask", 0.5, order="fused")
-    calls = []
-    vit.register_forward_pre_hook(lambda m, a: calls.append(1))
-    with pytest.raises(MaskSubError, match="grad_norms=True needs order='memory'"):
-        ms.backward(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]), CE, grad_norms=True)
-    assert calls == []
+    assert_fails_before_forward(
+        vit, lambda: ms.backward(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]), CE, grad_norms=True),
+        "grad_norms=True needs order='memory'")
 
 
 def test_no_logits_in_output():

@@ -68,8 +68,3 @@ def any_flag(flag: bool | Tensor, d: Dist, device: torch.device) -> bool:
         t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
-
-
-def barrier(d: Dist) -> None:
-    if d.enabled:
-        dist.barrier()

@@ -120,6 +120,14 @@ def random_crop(x: Tensor, pad: int) -> Tensor:
     return xp.gather(3, cols)
 
 
+def _to_device(x: Tensor, y: Tensor, device: torch.device, channels_last: bool) -> tuple[Tensor, Tensor]:
+    """A loader batch onto the training device (asynchronously from pinned memory)."""
+    x = x.to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(device, non_blocking=True)
+
+
 class LoaderData:
     """A timm dataset behind a DataLoader whose order comes from (seed, epoch) and can skip ahead."""
 
@@ -147,10 +155,7 @@ class LoaderData:
                             pin_memory=self.device.type == "cuda", generator=g,
                             persistent_workers=False)
         for x, y in loader:
-            x = x.to(self.device, non_blocking=True)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, y.to(self.device, non_blocking=True)
+            yield _to_device(x, y, self.device, self.channels_last)
 
     def iterate(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         order = epoch_order(len(self), self.seed, epoch, self.train, self.rank, self.world).tolist()
@@ -188,15 +193,12 @@ class StreamData:
             self.dataset.set_epoch(epoch)
         loader = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.workers,
                             drop_last=self.train, pin_memory=self.device.type == "cuda")
+        nb = self.num_batches(epoch)
         for i, (x, y) in enumerate(loader):
-            if i >= self.num_batches(epoch):
+            if i >= nb:
                 break
-            if i < start:
-                continue
-            x = x.to(self.device, non_blocking=True)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, y.to(self.device, non_blocking=True)
+            if i >= start:
+                yield _to_device(x, y, self.device, self.channels_last)
 
     def plain(self, n: int) -> Iterator[tuple[Tensor, Tensor]]:
         seen = 0

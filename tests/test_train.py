@@ -156,3 +156,39 @@ def test_finetune_from_local_pretrained_file(tmp_path: Path) -> None:
     cfg2.pretrained_file = str(tmp_path / "missing.pth")
     with pytest.raises(Exception, match="does not exist"):
         build_model(cfg2)
+
+
+def test_streaming_data_batches_resume_offset_and_size_error() -> None:
+    """StreamData (webdataset / streaming HF readers): the reader's epoch is set, whole batches
+    only in training, ``start`` skips batches for a resume, and a reader without a size fails."""
+    import torch
+
+    from masksub import MaskSubError
+    from masksub.train.data import StreamData
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __init__(self, n, sized=True):
+            self.n, self.sized, self.epochs = n, sized, []
+
+        def set_epoch(self, epoch):
+            self.epochs.append(epoch)
+
+        def __len__(self):
+            if not self.sized:
+                raise TypeError("no size")
+            return self.n
+
+        def __iter__(self):
+            return iter((torch.full((1, 2, 2), float(i)), torch.tensor(i)) for i in range(self.n))
+
+    ds = Stream(10)
+    data = StreamData(ds, batch_size=4, train=True, workers=0, device=torch.device("cpu"))
+    assert data.num_batches() == 2
+    assert [y.tolist() for _, y in data.iterate(3)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert [y.tolist() for _, y in data.iterate(4, start=1)] == [[4, 5, 6, 7]]
+    assert ds.epochs == [3, 4]
+    val = StreamData(Stream(10), batch_size=4, train=False, workers=0, device=torch.device("cpu"))
+    assert [len(y) for _, y in val.iterate()] == [4, 4, 2]
+    with pytest.raises(MaskSubError, match="needs its size"):
+        next(StreamData(Stream(10, sized=False), batch_size=4, train=True, workers=0,
+                        device=torch.device("cpu")).iterate())

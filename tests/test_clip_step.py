@@ -122,3 +122,16 @@ def test_bad_options_are_refused(model_name):
         ClipMaskSub(model, ratio=1.2)
     with pytest.raises(MaskSubError, match="visual"):
         ClipMaskSub(torch.nn.Linear(2, 2))
+
+
+def test_token_removal_module_is_reused_and_slot_restored(model_name):
+    """One removal module per tower (a compiled graph must see the same one every step)."""
+    model = make(model_name)
+    original = model.visual.patch_dropout
+    seen = []
+    for ratio in (0.5, 0.25):
+        with masked_image_tower(model, ratio):
+            seen.append(model.visual.patch_dropout)
+            assert seen[-1].ratio == ratio
+        assert model.visual.patch_dropout is original
+    assert seen[0] is seen[1] and seen[0] is not original

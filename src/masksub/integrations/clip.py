@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,7 @@ from ..loss import relaxed_loss
 from ..step import ddp_no_sync, model_autocast
 
 TEXT_MODES = ("shared", "detached")
+_REMOVALS: weakref.WeakKeyDictionary[nn.Module, TokenRemoval] = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
@@ -51,7 +53,11 @@ def masked_image_tower(model: nn.Module, ratio: float = 0.5) -> Iterator[nn.Modu
     if hasattr(visual, "patch_dropout") and hasattr(visual, "positional_embedding"):
         old = visual.patch_dropout
         prefix = 0 if getattr(visual, "class_embedding", None) is None else 1
-        visual.patch_dropout = TokenRemoval(ratio, prefix)
+        removal = _REMOVALS.get(visual)
+        if removal is None:  # one module per tower: a compiled graph sees the same one each step
+            removal = _REMOVALS[visual] = TokenRemoval(ratio, prefix)
+        removal.ratio, removal.num_prefix_tokens = ratio, prefix
+        visual.patch_dropout = removal
         try:
             yield model
         finally:

@@ -153,16 +153,22 @@ def test_real_vit_prefix_counts(reg, cls, batch, ratio):
 
 @REAL
 @given(batch=st.integers(2, 3), gh=st.integers(1, 3), gw=st.integers(1, 3), ratio=ratios,
-       amp=st.sampled_from([None, torch.bfloat16]), order=st.sampled_from(["memory", "fused"]))
-def test_real_resnet_step_any_size(batch, gh, gw, ratio, amp, order):
-    """Batch >= 2: BatchNorm needs two values per channel at a 1x1 feature map."""
+       order=st.sampled_from(["memory", "fused"]), seed=st.integers(0, 2**16))
+def test_real_resnet_step_any_size(batch, gh, gw, ratio, order, seed):
+    """Batch >= 2: BatchNorm needs two values per channel at a 1x1 feature map.
+
+    fp32 only: at these 1x1 feature maps the *plain* model's bf16 CPU backward gives
+    non-finite conv gradients in about half of the runs, differing between identical runs
+    (measured here with masksub off), so bf16 is covered by the step tests at sane sizes.
+    """
     from conftest import tiny_resnet
     from torch import nn
 
     from masksub import MaskSub
 
+    torch.manual_seed(seed)  # hypothesis needs a deterministic example
     model = tiny_resnet()
-    ms = MaskSub(model, "mask", ratio, patch_size=16, amp_dtype=amp, order=order)
+    ms = MaskSub(model, "mask", ratio, patch_size=16, order=order)
     y = torch.zeros(batch, dtype=torch.long)
     out = ms.backward(torch.randn(batch, 3, 16 * gh, 16 * gw), y, nn.CrossEntropyLoss())
     assert out.main_logits.shape == (batch, 5)

@@ -24,7 +24,6 @@ from torch import Tensor, nn
 
 from .. import MaskSub
 from ..errors import MaskSubError
-from ..step import ddp_no_sync
 from . import checkpoint as ckpt_mod
 from . import distributed as D
 from .build import (
@@ -80,6 +79,10 @@ class Trainer:
         mode = None if cfg.sub == "none" else cfg.sub
         self.ms = MaskSub(model, mode, cfg.ratio if mode else None, family=cfg.family, order=cfg.order, kind=kind,
                           amp_dtype=amp_dtype, **(cfg.family_options if mode else {}))
+        # The step: MaskSub itself, or for Eq. (2) a one-branch step whose forward is the sub-branch,
+        # so both settings share the same backward, DDP sync and gradient-norm code.
+        self.step_ms = self.ms if not cfg.masking_only else MaskSub(
+            model, None, forward_fn=lambda _net, x: self.ms.forward_sub(x))
         probe = torch.zeros(1, cfg.in_chans, cfg.img_size, cfg.img_size, device=self.device)
         self.ms.validate(probe)  # e.g. an image size the mask patch / region does not divide
         self.analysis_ms: MaskSub | None = None
@@ -113,7 +116,7 @@ class Trainer:
             net = DDP(model, device_ids=ids, find_unused_parameters=self.analysis_ms not in (None, self.ms))
         if cfg.compile:
             net = torch.compile(net)
-        self.ms.model = net
+        self.ms.model = self.step_ms.model = net
         if self.analysis_ms is not None:
             self.analysis_ms.model = net
 
@@ -226,7 +229,7 @@ class Trainer:
 
     def _update(self) -> tuple[bool, Any]:
         """One optimizer update of ``accum_steps`` micro-batches; False if it was skipped."""
-        cfg, ms = self.cfg, self.ms
+        cfg = self.cfg
         crit = self._criterion()
         # per-branch gradient norms (Figure 2d); the baseline and masking-only runs have one branch
         gn = cfg.analysis and self.global_step % cfg.grad_norm_every == 0
@@ -242,25 +245,14 @@ class Trainer:
                 x, y = self.mixup(x, y)
             last = i == cfg.accum_steps - 1
             scale = 1.0 / cfg.accum_steps
-            if cfg.masking_only:  # Eq. (2): the only branch sees masked input, learns the labels
-                with ddp_no_sync(ms.model, not last):
-                    loss = crit(ms.forward_sub(x), y)
-                    self.scaler.scale(loss * scale).backward()
-                loss = loss.detach()
-                total += loss
-                lm += loss
-            else:
-                out = ms.backward(x, y, crit, scaler=self.scaler if self.scaler.is_enabled() else None,
-                                  grad_norms=gn and last, sync=last, loss_scale=scale)
-                total += out.loss
-                lm += out.loss_main
-                if out.loss_sub is not None:
-                    ls += out.loss_sub
-                if out.grad_norm_main is not None:
-                    gnm, gns = out.grad_norm_main, out.grad_norm_sub
-        if gn and cfg.masking_only:  # one branch: its gradient is the whole gradient
-            grads = [p.grad.detach() for p in self.model_raw.parameters() if p.grad is not None]
-            gnm = torch.nn.utils.get_total_norm(grads) / (self.scaler.get_scale() if self.scaler.is_enabled() else 1.0)
+            out = self.step_ms.backward(x, y, crit, scaler=self.scaler if self.scaler.is_enabled() else None,
+                                        grad_norms=gn and last, sync=last, loss_scale=scale)
+            total += out.loss
+            lm += out.loss_main
+            if out.loss_sub is not None:
+                ls += out.loss_sub
+            if out.grad_norm_main is not None:
+                gnm, gns = out.grad_norm_main, out.grad_norm_sub
         k = cfg.accum_steps
         # the one per-step sync (after the all-reduce under DDP): never step on NaN
         if D.any_flag(~torch.isfinite(total), self.dist, self.device):

@@ -192,3 +192,25 @@ def test_streaming_data_batches_resume_offset_and_size_error() -> None:
     with pytest.raises(MaskSubError, match="needs its size"):
         next(StreamData(Stream(10, sized=False), batch_size=4, train=True, workers=0,
                         device=torch.device("cpu")).iterate())
+
+
+@pytest.mark.parametrize("masking_only, tokens", [(False, 1 + 49), (True, 1 + 24)])
+def test_masking_only_trains_the_single_branch_on_masked_input(masking_only: bool, tokens: int,
+                                                               tmp_path: Path) -> None:
+    """Eq. (2): every training forward sees the masked image (28 px, patch 4: 49 patches, 25
+    removed at 0.5); with the sub-branch off the same step sees all of them."""
+    from masksub.train import config as C
+    from masksub.train.engine import Trainer
+
+    sub = {"sub": "mask", "masking_only": True} if masking_only else {"sub": "none", "ratio": None}
+    cfg = C.load("fashion-mnist", {"data": "synthetic", "synthetic_size": 8, "synthetic_val_size": 4,
+                                   "batch_size": 4, "amp": "none", "progress": False, "tensorboard": False,
+                                   "output": str(tmp_path),
+                                   **C.parse_sets(["model_kwargs.depth=1", "model_kwargs.embed_dim=32",
+                                                   "model_kwargs.num_heads=2"]), **sub})
+    tr = Trainer(cfg, run_dir=None)
+    seen: list[int] = []
+    tr.model_raw.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+    tr._it = tr.train_data.iterate(0, 0)
+    ok, _ = tr._update()
+    assert ok and seen == [tokens]

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from masksub import cli
-from masksub.bench_steps import PaperRecipeModel, build_model, mae_random_masking
-from masksub.flops import count_flops, mfu, peak_tflops
+from masksub.bench.flops import count_flops, mfu, peak_tflops
+from masksub.bench.steps import PaperRecipeModel, build_model, mae_random_masking
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +114,8 @@ def test_mae_masking_and_paper_model() -> None:
 
 
 def test_default_gpu_plan_is_the_issues() -> None:
-    from masksub.bench import Setting, default_plan
-    from masksub.bench_steps import GPU_MODELS
+    from masksub.bench.cli import Setting, default_plan
+    from masksub.bench.steps import GPU_MODELS
 
     plan = set(default_plan(GPU_MODELS, gpu=True))
     for m in ("vit_s", "vit_b", "vit_l", "resnet50", "swin_t"):
@@ -130,7 +130,7 @@ def test_default_gpu_plan_is_the_issues() -> None:
 
 @pytest.mark.parametrize("variant", ["masksub", "paper"])
 def test_compiled_sub_branch_is_checked_for_masking(variant: str) -> None:
-    from masksub.bench import Setting, _compiled_sub_differs
+    from masksub.bench.cli import Setting, _compiled_sub_differs
 
     torch.manual_seed(0)
     model = build_model("tiny_vit")

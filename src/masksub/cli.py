@@ -11,9 +11,9 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("masksub.train.cli_train", "train a model with a recipe (baseline or MaskSub)"),
     "eval": ("masksub.train.cli_eval", "evaluate a checkpoint on a data set"),
-    "compare": ("masksub.compare", "run settings side by side and write a results table and plots"),
-    "plot": ("masksub.plot", "plot accuracy, losses and gradient norms of run directories"),
-    "bench": ("masksub.bench", "measure MaskSub's step cost against a plain training step"),
+    "compare": ("masksub.compare.cli", "run settings side by side and write a results table and plots"),
+    "plot": ("masksub.compare.plot", "plot accuracy, losses and gradient norms of run directories"),
+    "bench": ("masksub.bench.cli", "measure MaskSub's step cost against a plain training step"),
     "glue": ("masksub.integrations.glue", "finetune a Hugging Face model on a GLUE task"),
     "clip": ("masksub.integrations.clip_train", "train an open_clip model on image-text files"),
 }

@@ -26,7 +26,11 @@ from typing import Any
 
 import torch
 
-from .bench_steps import (
+from ..branches.base import MODES
+from ..errors import MaskSubError, check_ratio
+from ..step import ORDERS
+from .flops import count_flops, device_name, mfu, peak_tflops
+from .steps import (
     GPU_MODELS,
     MODELS,
     PARTS,
@@ -36,10 +40,6 @@ from .bench_steps import (
     build_model,
     make_step,
 )
-from .branches.base import MODES
-from .errors import MaskSubError, check_ratio
-from .flops import count_flops, device_name, mfu, peak_tflops
-from .step import ORDERS
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
@@ -117,7 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="autocast dtype (GPU bf16, CPU fp32)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there is one)")
     parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="peak FLOP/s for MFU when the GPU is not in masksub.flops.PEAK_BF16_TFLOPS")
+                        help="peak FLOP/s for MFU when the GPU is not in masksub.bench.flops.PEAK_BF16_TFLOPS")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for the JSON and table")
     parser.add_argument("--stat", choices=("median", "min"), default="median",
                         help="step time statistic (min suits a CPU shared with other work)")
@@ -340,8 +340,8 @@ def _compiled_sub_differs(setting: Setting, model: torch.nn.Module, x: torch.Ten
                           ratio: float | None) -> bool:
     """Under torch.compile, does the sub forward still mask? (Dynamo skips guards on module
     hooks by default, so a hook added for the sub forward can be silently ignored.)"""
-    from .bench_steps import PaperRecipeModel
-    from .step import MaskSub
+    from ..step import MaskSub
+    from .steps import PaperRecipeModel
 
     net = copy.deepcopy(model).eval()
     xs = x[:2]
@@ -503,7 +503,7 @@ def main(args: argparse.Namespace) -> int:
         meta["timm"] = timm.__version__
     except ImportError as e:
         raise MaskSubError("masksub bench needs timm (pip install 'masksub[timm]')") from e
-    from . import __version__
+    from .. import __version__
 
     meta["masksub"] = __version__
     rows: list[dict[str, Any]] = []

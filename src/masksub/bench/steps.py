@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import MaskSubError
+from ..errors import MaskSubError
 
 VARIANTS = ("standard", "off", "paper", "masksub")
 # Pieces of a step, timed alone to show where the time goes: the main forward+backward, the
@@ -163,7 +163,7 @@ def make_step(variant: str, model: nn.Module, x: Tensor, y: Tensor, *, mode: str
               amp_dtype: torch.dtype | None = torch.bfloat16, family: str | None = None,
               make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]) -> Step:
     """Wire ``variant`` around ``model``; the optimizer is built after any parameter is added."""
-    from .step import MaskSub
+    from ..step import MaskSub
 
     dev = x.device
     crit = nn.CrossEntropyLoss()

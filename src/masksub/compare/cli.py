@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .errors import MaskSubError
+from ..errors import MaskSubError
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "baseline": {"sub": "none", "ratio": None},             # Eq. (1)
@@ -44,10 +44,10 @@ def run_compare(recipe: str, settings: list[str], seeds: list[int], out_dir: str
                 overrides: dict[str, Any] | None = None, budget_ratio: float | None = None,
                 analysis: bool = True) -> dict[str, Any]:
     """Train every (setting, seed); returns the results dict also written to results.json."""
-    from .compare_table import rows_from_runs, write_tables
+    from ..train import config as C
+    from ..train.engine import train
     from .plot import plot_runs, read_run
-    from .train import config as C
-    from .train.engine import train
+    from .table import rows_from_runs, write_tables
 
     unknown = [s for s in settings if s not in SETTINGS]
     if unknown:
@@ -100,7 +100,7 @@ def _measured_cost(runs: list[dict[str, Any]]) -> float:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .train.cli_train import add_arguments as train_arguments
+    from ..train.cli_train import add_arguments as train_arguments
 
     train_arguments(p)  # the same overrides as masksub train (--epochs, --set k=v, ...)
     p.add_argument("--settings", default="baseline,masking,masksub",
@@ -116,7 +116,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .train.cli_train import overrides
+    from ..train.cli_train import overrides
 
     if not args.recipe:
         raise MaskSubError("give --recipe NAME (see `masksub train --list`)")

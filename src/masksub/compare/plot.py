@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import MaskSubError
+from ..errors import MaskSubError
 
 # quantity -> (epoch-line keys, y label, file name)
 FIGURES: dict[str, tuple[tuple[str, ...], str, str]] = {

@@ -2,7 +2,8 @@
 
 Order ``memory`` (default): forward+backward of the main branch first, so its activations are
 freed before the sub forward; peak memory stays that of standard training. Under DDP that
-first backward runs in ``no_sync()``: gradients are all-reduced once per step. Order
+first backward runs in ``no_sync()``: gradients are all-reduced once per step; under FSDP2
+(``fully_shard``) it runs with ``set_requires_gradient_sync(False)``: reduce-scattered once. Order
 ``fused``: one backward on the summed loss (more memory, sometimes faster). Clipping, loss
 scaling and the optimizer step stay with the caller, once, on the summed gradient.
 """
@@ -66,11 +67,28 @@ def model_autocast(model: nn.Module, dtype: torch.dtype | None) -> contextlib.Ab
 
 
 def ddp_no_sync(model: nn.Module, skip: bool = True) -> contextlib.AbstractContextManager:
-    """DDP's ``no_sync()`` (no all-reduce in the backward inside) when ``skip``; nothing for a
-    model that has none."""
+    """No gradient communication in the backward inside, when ``skip``: DDP's ``no_sync()``, or
+    FSDP2's ``set_requires_gradient_sync(False)`` (restored on exit); nothing for a model that
+    has neither. Under FSDP2 the unsharded gradients then wait, accumulated, for the next
+    backward's reduce-scatter (the price of one reduce-scatter per step instead of two)."""
     if skip and hasattr(model, "no_sync") and hasattr(model, "require_backward_grad_sync"):
         return model.no_sync()
+    if skip and hasattr(model, "set_requires_gradient_sync"):
+        return _fsdp_no_sync(model)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: nn.Module) -> Iterator[None]:
+    # What it was before (a caller's own accumulation may have turned it off); FSDP2 keeps it
+    # on each param group as ``reduce_grads``. Unreadable: assume on, FSDP2's default.
+    groups = getattr(getattr(model, "_get_fsdp_state", lambda: None)(), "_fsdp_param_groups", None) or []
+    was = all(getattr(g, "reduce_grads", True) for g in groups)
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(was)
 
 
 def _grads(params: list[nn.Parameter]) -> list[Tensor | None]:
@@ -135,6 +153,16 @@ class MaskSub:
         before = {id(p) for p in inner.parameters()}
         self.branch.prepare(inner)
         added = [n for n, p in inner.named_parameters() if id(p) not in before]
+        sharded = [n for n, m in inner.named_modules() if hasattr(m, "set_requires_gradient_sync")]
+        if added and sharded:  # FSDP2 shards in place: a parameter added now is in no group
+            for name in added:
+                if "." not in name:
+                    delattr(inner, name)
+            raise MaskSubError(
+                f"the {self.branch.name!r} sub-branch adds the parameter(s) {added}, but the model is "
+                "already sharded with fully_shard, which would never shard or reduce them; build "
+                "MaskSub (or call masksub.prepare(model, ...)) on the bare model before fully_shard"
+            )
         if added and inner is not model and type(model).__name__ != "OptimizedModule":
             for name in added:
                 if "." not in name:

@@ -37,6 +37,16 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def class_name(model: nn.Module) -> str:
+    """The model's own class name, also after FSDP2's ``fully_shard`` (which swaps the class
+    for a generated ``FSDP<Name>`` subclass in place)."""
+    cls = type(model)
+    index = getattr(cls, "_orig_cls_mro_index", None)
+    if isinstance(index, int) and len(cls.__mro__) > index:
+        cls = cls.__mro__[index]
+    return cls.__name__
+
+
 class Family:
     """A way to make the sub-branch of one kind of model.
 

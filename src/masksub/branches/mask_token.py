@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import MaskSubError
-from .base import Family, PerModel
+from .base import Family, PerModel, class_name
 from .masks import block_mask, random_mask
 
 TOKEN_NAME = "masksub_mask_token"
@@ -48,7 +48,7 @@ def _channels_first(model: nn.Module, out: Tensor) -> bool:
     fmt = getattr(fmt, "value", fmt)
     if fmt in ("NCHW", "NHWC"):
         return fmt == "NCHW"
-    if type(model).__name__ == "SwinTransformerV2Cr":  # its own PatchEmbed, always NCHW
+    if class_name(model) == "SwinTransformerV2Cr":  # its own PatchEmbed, always NCHW
         return True
     dim = getattr(model, TOKEN_NAME).shape[0]
     return out.shape[-1] != dim and out.shape[1] == dim
@@ -140,6 +140,10 @@ class MaskTokenFamily(Family):
     def apply(self, model: nn.Module, ratio: float) -> Iterator[None]:
         token = getattr(model, TOKEN_NAME, None)
         if token is None:
+            if hasattr(model, "set_requires_gradient_sync"):
+                raise MaskSubError(
+                    "the mask token must be added before fully_shard (FSDP2 would neither shard nor "
+                    "reduce it); call masksub.prepare(model, 'mask') or build MaskSub before sharding")
             import warnings
 
             warnings.warn(
@@ -201,7 +205,7 @@ class BeitMaskToken(MaskTokenFamily):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return type(model).__name__ == "Beit" and hasattr(model, "patch_embed")
+        return class_name(model) == "Beit" and hasattr(model, "patch_embed")
 
 
 class SwinMaskToken(MaskTokenFamily):
@@ -212,4 +216,4 @@ class SwinMaskToken(MaskTokenFamily):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return type(model).__name__.startswith("SwinTransformer") and hasattr(model, "patch_embed")
+        return class_name(model).startswith("SwinTransformer") and hasattr(model, "patch_embed")

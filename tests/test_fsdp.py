@@ -125,6 +125,13 @@ def worker(rank, port, out_dir):
                         out = model(x[0, mine])
                     CE(out, y[0, mine]).backward()
                     res[f"{name}_naive_comm"] = c.take()
+                    # per-branch gradient norms (Figure 2d): measurable under FSDP, same gradients
+                    model.zero_grad()
+                    torch.manual_seed(100 + rank)
+                    out = ms.backward(x[0, mine], y[0, mine], CE, grad_norms=True)
+                    res[f"{name}_norms_comm"] = c.take()
+                    res[f"{name}_norms"] = (float(out.grad_norm_main), float(out.grad_norm_sub))
+                    res[f"{name}_norms_grads"] = full_grads(model)
                     # and an optimizer step on the sharded parameters, clipping included
                     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -222,6 +229,23 @@ def test_fsdp_reduce_scatters_per_step_equal_plain(fsdp_results, name):
         assert r[f"{name}_accum_first"]["reduce_scatter"] == 0
         assert r[f"{name}_accum_last"]["reduce_scatter"] == plain
         assert r[f"{name}_naive_comm"]["reduce_scatter"] == 2 * plain  # control: the counter sees a second one
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fsdp_grad_norms_equal_single_process(fsdp_results, name):
+    total = reference(name, "memory", [0], 100)
+    main = reference(name, "plain", [0], 100)  # the main branch's part: (1/2) x the plain gradient
+    ref_main = torch.nn.utils.get_total_norm([0.5 * g for g in main.values()])
+    ref_sub = torch.nn.utils.get_total_norm([g - 0.5 * main[n] if n in main else g for n, g in total.items()])
+    for r in fsdp_results:
+        gm, gs = r[f"{name}_norms"]
+        assert gm == pytest.approx(float(ref_main), rel=1e-4)
+        assert gs == pytest.approx(float(ref_sub), rel=1e-4)
+        for n, g in total.items():  # measuring changes nothing in the result
+            torch.testing.assert_close(r[f"{name}_norms_grads"][n], g, rtol=1e-4, atol=1e-6)
+        # the measured steps sync the main part first: one extra reduce-scatter per unit there
+        assert r[f"{name}_norms_comm"]["reduce_scatter"] == 2 * r[f"{name}_plain_comm"]["reduce_scatter"]
 
 
 @pytest.mark.slow

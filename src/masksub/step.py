@@ -100,7 +100,10 @@ def _norm_of_diff(params: list[nn.Parameter], before: list[Tensor | None], scale
     """The norm of what was added to ``.grad`` since ``before``, as ``clip_grad_norm_`` takes it."""
     added = [p.grad.detach() if b is None else p.grad.detach() - b
              for p, b in zip(params, before, strict=True) if p.grad is not None]
-    return torch.nn.utils.get_total_norm(added) / scale
+    norm = torch.nn.utils.get_total_norm(added)
+    if hasattr(norm, "full_tensor"):  # FSDP2: sharded gradients, the norm of the whole
+        norm = norm.full_tensor()
+    return norm / scale
 
 
 class MaskSub:
@@ -236,7 +239,10 @@ class MaskSub:
 
         wm, ws = self.main_weight * loss_scale, self.sub_weight * loss_scale
         if self.order == "memory":
-            with ddp_no_sync(model):
+            # FSDP2 keeps an unsynced gradient inside, out of ``.grad``: a step that measures the
+            # main branch's gradient norm syncs it (one extra reduce-scatter, on those steps only)
+            measure_inside = grad_norms and hasattr(model, "set_requires_gradient_sync")
+            with ddp_no_sync(model, not measure_inside):
                 main = self.forward_main(x)
                 loss_main = _main_loss(main)
                 before = _grads(params) if grad_norms else None

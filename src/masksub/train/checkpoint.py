@@ -128,3 +128,18 @@ def check_model(ckpt: dict[str, Any], model: nn.Module, model_name: str, path: s
             f"checkpoint {path} is of another model ({saved!r}, this run builds {model_name!r}; "
             f"differing tensors e.g. {diff or missing}). Resume with the config it was written with"
         )
+
+
+def export_weights(model: nn.Module, path: str | Path) -> Path:
+    """The model's weights alone, as a plain state dict on the CPU, written atomically: what
+    ``torch.load`` + ``load_state_dict`` (or a recipe's ``pretrained_file``) reads."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

@@ -14,11 +14,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--export", metavar="FILE.pt",
+                   help="also write the weights as a plain state dict (torch.load-able; pretrained_file=)")
 
 
 def evaluate_checkpoint(path: str, *, data: str | None = None, ema: bool = False,
                         batch_size: int | None = None, device: str | None = None,
-                        sets: list[str] | None = None) -> dict:
+                        sets: list[str] | None = None, export: str | None = None) -> dict:
     import torch
 
     from ..errors import MaskSubError
@@ -40,17 +42,25 @@ def evaluate_checkpoint(path: str, *, data: str | None = None, ema: bool = False
     C.validate(cfg)
     dev = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model = build_model(cfg)
-    sd = ck["model"]
+    sd = ck.get("model")
     if ema:
         if not ck.get("ema"):
             raise MaskSubError(f"checkpoint {path} has no EMA weights")
         sd = {k.removeprefix("module."): v for k, v in ck["ema"].items()}
-    if "masksub_mask_token" in sd and not hasattr(model, "masksub_mask_token"):
+    names = sd if sd is not None else {k for k, _ in ck.get("signature", [])}
+    if "masksub_mask_token" in names and not hasattr(model, "masksub_mask_token"):
         import masksub
 
         masksub.prepare(model, "mask", cfg.family, **cfg.family_options)
     checkpoint.check_model(ck, model, cfg.model, path)
-    model.load_state_dict(sd)
+    if ck.get("sharded") and not ema:  # dist=fsdp: the weights are in a DCP directory beside it
+        from .fsdp import load_weights
+
+        load_weights(ck, path, model)
+    else:
+        model.load_state_dict(sd)
+    if export:
+        checkpoint.export_weights(model, export)
     model.to(dev).eval()
     _, val = build_data(cfg, device=dev)
     crit = label_criterion(cfg)
@@ -70,7 +80,7 @@ def evaluate_checkpoint(path: str, *, data: str | None = None, ema: bool = False
 
 def main(args: argparse.Namespace) -> int:
     r = evaluate_checkpoint(args.checkpoint, data=args.data, ema=args.ema, batch_size=args.batch_size,
-                            device=args.device, sets=args.sets)
+                            device=args.device, sets=args.sets, export=args.export)
     if args.json:
         print(json.dumps(r))
     else:

@@ -11,7 +11,7 @@ from ..errors import MaskSubError
 FLAGS = {
     "data": str, "sub": str, "ratio": float, "order": str, "model": str, "epochs": int,
     "batch_size": int, "lr": float, "seed": int, "output": str, "run_name": str, "amp": str,
-    "device": str, "accum_steps": int, "max_steps": int, "threads": int, "workers": int,
+    "device": str, "accum_steps": int, "max_steps": int, "threads": int, "workers": int, "dist": str,
 }
 
 

@@ -21,6 +21,7 @@ from ..step import ORDERS
 
 SUBS = ("none", *MODES)
 AMPS = ("none", "bf16", "fp16")
+DISTS = ("ddp", "fsdp")  # under torchrun: replicate the model (DDP) or shard it (FSDP2)
 AUGS = ("timm", "3aug", "crop_flip", "none")
 
 
@@ -98,6 +99,8 @@ class Config:
     compile: bool = False
     device: str = "auto"
     threads: int = 0
+    dist: str = "ddp"
+    fsdp_activation_checkpointing: bool = False
     # run
     seed: int = 0
     output: str = "runs"
@@ -278,6 +281,11 @@ def validate(cfg: Config) -> None:
 
     choice("sub", SUBS)
     choice("amp", AMPS)
+    choice("dist", DISTS)
+    if cfg.dist == "fsdp":
+        from .fsdp import check_config
+
+        check_config(cfg)
     choice("aug", AUGS)
     choice("order", ORDERS)
     if cfg.ratio is not None:  # checked even with sub=none, where the baseline ignores it

@@ -83,7 +83,8 @@ class Trainer:
         # so both settings share the same backward, DDP sync and gradient-norm code.
         self.step_ms = self.ms if not cfg.masking_only else MaskSub(
             model, None, forward_fn=lambda _net, x: self.ms.forward_sub(x))
-        probe = torch.zeros(1, cfg.in_chans, cfg.img_size, cfg.img_size, device=self.device)
+        self._probe_shape = (1, cfg.in_chans, cfg.img_size, cfg.img_size)
+        probe = torch.zeros(self._probe_shape, device=self.device)
         self.ms.validate(probe)  # e.g. an image size the mask patch / region does not divide
         self.analysis_ms: MaskSub | None = None
         if cfg.analysis:
@@ -92,6 +93,11 @@ class Trainer:
                 model, "mask", 0.5, family=cfg.family, kind=kind, amp_dtype=amp_dtype, **cfg.family_options)
             self.analysis_ms.validate(probe)
 
+        self.fsdp = None  # dist=fsdp: the model sharded now, after MaskSub added its parameters
+        if cfg.dist == "fsdp":
+            from . import fsdp
+
+            self.fsdp = fsdp.setup(model, cfg, self.dist.enabled, self.device)
         self.optimizer = build_optimizer(cfg, model)
         self.ema = None
         if cfg.ema:
@@ -109,7 +115,7 @@ class Trainer:
         self.eval_criterion = label_criterion(cfg)
 
         net: nn.Module = model
-        if self.dist.enabled:
+        if self.dist.enabled and self.fsdp is None:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -143,6 +149,8 @@ class Trainer:
             stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
             name = cfg.run_name or f"{cfg.recipe or 'run'}-{cfg.sub}-{stamp}"
             self.run_dir = Path(cfg.output) / name
+        if self.fsdp is not None:
+            self.run_dir = self.fsdp.same_path(self.run_dir)  # every rank writes its shards there
         if self.dist.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -160,14 +168,16 @@ class Trainer:
 
     def _state(self) -> dict[str, Any]:
         rng = ckpt_mod.rng_state()
-        if self.dist.enabled:
+        acc = {k: (v.detach().cpu() if isinstance(v, Tensor) else v) for k, v in self.acc.items()}
+        if self.dist.enabled:  # each rank's own RNG streams and epoch sums (reduced at epoch end)
             import torch.distributed as dist
 
             all_rng: list[Any] = [None] * self.dist.world
             dist.all_gather_object(all_rng, rng)
+            all_acc: list[Any] = [None] * self.dist.world
+            dist.all_gather_object(all_acc, acc)
         else:
-            all_rng = [rng]
-        acc = {k: (v.detach().cpu() if isinstance(v, Tensor) else v) for k, v in self.acc.items()}
+            all_rng, all_acc = [rng], [acc]
         return {
             "model_name": self.cfg.model,
             "signature": ckpt_mod.model_signature(self.model_raw),
@@ -178,18 +188,23 @@ class Trainer:
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
             "best_top1": self.best_top1, "best_epoch": self.best_epoch,
             "nonfinite_total": self.nonfinite_total, "nonfinite_run": self.nonfinite_run,
-            "acc": acc, "elapsed": self.elapsed, "last_eval": self.last_eval,
+            "acc": acc, "acc_ranks": all_acc, "elapsed": self.elapsed, "last_eval": self.last_eval,
             "rng": all_rng, "world": self.dist.world, "config": self.cfg.to_dict(),
         }
 
     def _restore(self, ck: dict[str, Any], path: str | None) -> None:
         ckpt_mod.check_model(ck, self.model_raw, self.cfg.model, path or "")
-        self.model_raw.load_state_dict(ck["model"])
-        try:
-            self.optimizer.load_state_dict(ck["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise MaskSubError(f"checkpoint {path}: optimizer state does not fit this optimizer ({e}); "
-                               "resume with the same opt / layer_decay") from None
+        if ck.get("sharded") or self.fsdp is not None:  # model and optimizer in a DCP directory
+            from . import fsdp
+
+            fsdp.load(ck, path or "", self.model_raw, self.optimizer)
+        else:
+            self.model_raw.load_state_dict(ck["model"])
+            try:
+                self.optimizer.load_state_dict(ck["optimizer"])
+            except (ValueError, KeyError) as e:
+                raise MaskSubError(f"checkpoint {path}: optimizer state does not fit this optimizer ({e}); "
+                                   "resume with the same opt / layer_decay") from None
         if ck.get("scaler"):
             self.scaler.load_state_dict(ck["scaler"])
         if self.ema is not None:
@@ -199,7 +214,10 @@ class Trainer:
         for k in ("epoch", "step_in_epoch", "global_step", "best_top1", "best_epoch",
                   "nonfinite_total", "nonfinite_run", "elapsed", "last_eval"):
             setattr(self, k, ck[k])
-        self.acc = {k: (v.to(self.device) if isinstance(v, Tensor) else v) for k, v in ck["acc"].items()}
+        acc = ck["acc"]
+        if ck.get("world") == self.dist.world and len(ck.get("acc_ranks") or []) == self.dist.world:
+            acc = ck["acc_ranks"][self.dist.rank]  # this rank's own partial epoch sums
+        self.acc = {k: (v.to(self.device) if isinstance(v, Tensor) else v) for k, v in acc.items()}
         rngs = ck["rng"]
         if ck.get("world") != self.dist.world:
             print(f"masksub train: resuming a {ck.get('world')}-process run on {self.dist.world}: "
@@ -208,6 +226,8 @@ class Trainer:
 
     def save(self, name: str = "last.pt", state: dict[str, Any] | None = None) -> Path | None:
         state = state or self._state()  # every rank joins the RNG gather
+        if self.fsdp is not None:  # every rank writes its shards
+            return self.fsdp.save(self.run_dir, name, state, self.model_raw, self.optimizer, self.dist.main)
         if not self.dist.main:
             return None
         return ckpt_mod.save(self.run_dir / name, state)
@@ -285,7 +305,10 @@ class Trainer:
         amp = AMP_DTYPES[self.cfg.amp]
         ctx = torch.autocast(self.device.type, dtype=amp) if amp else contextlib.nullcontext()
         bar = progress(self.val_data.num_batches(0), "eval", enabled=self.dist.main and self.cfg.progress)
-        for x, y in self.val_data.iterate(0, 0):
+        batches = self.val_data.iterate(0, 0)
+        if self.fsdp is not None:  # every rank runs as many (collective) forwards
+            batches = self.fsdp.even(batches, model, self.dist, self.device, self._probe_shape)
+        for x, y in batches:
             bar.update(1)
             with ctx:
                 logits = model(x)
@@ -315,7 +338,11 @@ class Trainer:
         g = torch.get_rng_state()  # the analysis must not shift the training's random stream
         gc = torch.cuda.get_rng_state() if self.device.type == "cuda" else None
         torch.manual_seed(12345)
-        for x, y in self.train_data.plain(self.cfg.analysis_subset):
+        batches = self.train_data.plain(self.cfg.analysis_subset)
+        if self.fsdp is not None:
+            batches = self.fsdp.even(batches, lambda x: (ams.forward_main(x), ams.forward_sub(x)), self.dist,
+                                     self.device, self._probe_shape)
+        for x, y in batches:
             lu = self.eval_criterion(ams.forward_main(x).float(), y)
             lmask = self.eval_criterion(ams.forward_sub(x).float(), y)
             sums += torch.stack([lu.double() * len(y), lmask.double() * len(y),

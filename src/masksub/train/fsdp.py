@@ -15,13 +15,14 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import MaskSubError
 from . import checkpoint as ckpt_mod
@@ -35,6 +36,29 @@ def check_config(cfg: Any) -> None:
     if cfg.ema:
         raise MaskSubError("dist=fsdp does not keep an EMA copy (it would be a full, unsharded model on "
                            "every rank); set ema: false or use --dist ddp")
+
+
+def setup(model: nn.Module, cfg: Any, distributed: bool, device: torch.device) -> Any:
+    """Shard ``model`` for the trainer (one process: nothing to shard, checkpoints still
+    sharded-format so either world size can resume them); returns this module."""
+    if distributed:
+        shard_model(model, amp=cfg.amp, activation_checkpointing=cfg.fsdp_activation_checkpointing,
+                    device_type=device.type)
+    else:
+        if cfg.fsdp_activation_checkpointing and hasattr(model, "set_grad_checkpointing"):
+            model.set_grad_checkpointing(True)
+        print("masksub train: dist=fsdp in one process: nothing to shard (launch with torchrun)",
+              file=sys.stderr)
+    return sys.modules[__name__]
+
+
+def same_path(path: Path) -> Path:
+    """Rank 0's run directory on every rank (a timestamped name may differ by a second)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return path
+    obj = [str(path)]
+    dist.broadcast_object_list(obj, src=0)
+    return Path(obj[0])
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:
@@ -80,24 +104,25 @@ def shard_model(model: nn.Module, *, amp: str = "none", activation_checkpointing
     return model
 
 
-def even_batches(batches: Iterable[Any], n_local: int, pad: Callable[[Any], None],
-                 device: torch.device) -> Iterator[Any]:
-    """Yield this rank's batches, then call ``pad(last_batch)`` until every rank has run as
-    many as the rank with the most: under FSDP each forward all-gathers, so a rank that stops
-    early would leave the others waiting forever (validation shards may differ by one image)."""
-    n = torch.tensor([n_local], device=device)
-    dist.all_reduce(n, op=dist.ReduceOp.MAX)
-    last = None
-    done = 0
-    for batch in batches:
-        last = batch
-        done += 1
-        yield batch
-    for _ in range(int(n.item()) - done):
-        if last is None:
-            raise MaskSubError("a rank has no evaluation batch under dist=fsdp; use at least one "
-                               "validation image per rank")
-        pad(last)
+def even(batches: Iterable[Any], pad: Callable[[Tensor], Any], d: Any, device: torch.device,
+         probe_shape: tuple[int, ...]) -> Iterator[Any]:
+    """Yield this rank's batches, then call ``pad(x)`` until no rank has one left: under FSDP
+    each forward all-gathers, so a rank that stopped early would leave the others waiting
+    forever (validation shards may differ by one image, a stream's by more). One flag
+    all-reduce per batch decides; ``x`` is the last batch's input, or zeros of ``probe_shape``."""
+    from . import distributed as D
+
+    it = iter(batches)
+    last: Tensor | None = None
+    while True:
+        batch = next(it, None)
+        if not D.any_flag(batch is not None, d, device):
+            return
+        if batch is None:
+            pad(last if last is not None else torch.zeros(probe_shape, device=device))
+        else:
+            last = batch[0]
+            yield batch
 
 
 # -- checkpoints ------------------------------------------------------------------------------
@@ -189,9 +214,8 @@ def load_weights(ck: dict[str, Any], path: str | Path, model: nn.Module) -> None
     sd = model.state_dict()
     state = {"model": sd}
     no_dist = not (dist.is_available() and dist.is_initialized())
-    dcp.load(state, checkpoint_id=str(d), no_dist=no_dist)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=str(d), no_dist=no_dist)
     model.load_state_dict(state["model"])
 
-
-def note(msg: str) -> None:
-    print(f"masksub train: {msg}", file=sys.stderr)

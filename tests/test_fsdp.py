@@ -136,6 +136,22 @@ def worker(rank, port, out_dir):
                     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                     opt.step()
+            # the trainer's options: bf16 gathers with fp32 reduction; activation checkpointing
+            x, y = data("vit")
+            for opt in ("bf16", "ckpt"):
+                model = make("vit")
+                ms = MaskSub(model, "mask", 0.5)
+                shard_model(model, amp="bf16" if opt == "bf16" else "none", activation_checkpointing=opt == "ckpt")
+                seen = []
+                model.blocks[0].attn.qkv.register_forward_pre_hook(lambda m, a, _s=seen: _s.append(m.weight.dtype))
+                c.take()
+                torch.manual_seed(100 + rank)
+                ms.backward(x[0, mine], y[0, mine], CE)
+                res[f"{opt}_comm"] = c.take()
+                res[f"{opt}_compute_dtypes"] = set(seen)
+                res[f"{opt}_block_forwards"] = len(seen)
+                res[f"{opt}_grad_dtypes"] = {p.grad.dtype for p in model.parameters() if p.grad is not None}
+                res[f"{opt}_grads"] = full_grads(model)
             # a mask token added after sharding is refused, and nothing is left behind
             model = make("swin")
             shard_model(model)
@@ -246,6 +262,20 @@ def test_fsdp_grad_norms_equal_single_process(fsdp_results, name):
             torch.testing.assert_close(r[f"{name}_norms_grads"][n], g, rtol=1e-4, atol=1e-6)
         # the measured steps sync the main part first: one extra reduce-scatter per unit there
         assert r[f"{name}_norms_comm"]["reduce_scatter"] == 2 * r[f"{name}_plain_comm"]["reduce_scatter"]
+
+
+@pytest.mark.slow
+def test_fsdp_bf16_policy_and_activation_checkpointing(fsdp_results):
+    for r in fsdp_results:
+        plain = r["vit_plain_comm"]["reduce_scatter"]
+        assert r["bf16_compute_dtypes"] == {torch.bfloat16}  # gathered and computed in bf16
+        assert r["bf16_grad_dtypes"] == {torch.float32}  # reduced into fp32 shards
+        assert r["bf16_comm"]["reduce_scatter"] == r["ckpt_comm"]["reduce_scatter"] == plain
+        assert r["ckpt_compute_dtypes"] == {torch.float32} and len(r["ckpt_grads"]) == len(r["vit_memory_grads"])
+        assert r["ckpt_block_forwards"] == 2 * r["bf16_block_forwards"] == 4  # main, sub, each recomputed
+        for n, g in r["vit_memory_grads"].items():  # recomputing blocks changes nothing
+            torch.testing.assert_close(r["ckpt_grads"][n], g, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(r["bf16_grads"][n], g, rtol=0.1, atol=2e-2)
 
 
 @pytest.mark.slow

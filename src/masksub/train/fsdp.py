@@ -12,6 +12,7 @@ atomically, pointing at it. A reader therefore always sees a complete checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -137,6 +138,14 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """DCP warns that it "assumes the intent is to save/load in a single process": it is."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to", category=UserWarning)
+        yield
+
+
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -157,7 +166,8 @@ def save(run_dir: Path, name: str, state: dict[str, Any], model: nn.Module,
         shutil.rmtree(tmp, ignore_errors=True)  # left by a writer killed mid-write
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
+    with _quiet():
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
     _barrier()  # every rank's shards and the metadata are on disk
     if not main:
         return None
@@ -198,7 +208,8 @@ def load(ck: dict[str, Any], path: str | Path, model: nn.Module, optimizer: torc
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optimizer": optim_sd}
     try:
-        dcp.load(state, checkpoint_id=str(d))
+        with _quiet():
+            dcp.load(state, checkpoint_id=str(d))
     except Exception as e:  # noqa: BLE001 - DCP raises its own CheckpointException
         raise MaskSubError(f"checkpoint {d} cannot be read into this run ({type(e).__name__}: "
                            f"{str(e)[:200]}); resume with the config it was written with") from None
@@ -214,8 +225,7 @@ def load_weights(ck: dict[str, Any], path: str | Path, model: nn.Module) -> None
     sd = model.state_dict()
     state = {"model": sd}
     no_dist = not (dist.is_available() and dist.is_initialized())
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.simplefilter("ignore", UserWarning)
+    with _quiet():
         dcp.load(state, checkpoint_id=str(d), no_dist=no_dist)
     model.load_state_dict(state["model"])
 

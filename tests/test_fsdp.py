@@ -132,6 +132,14 @@ def worker(rank, port, out_dir):
                     res[f"{name}_norms_comm"] = c.take()
                     res[f"{name}_norms"] = (float(out.grad_norm_main), float(out.grad_norm_sub))
                     res[f"{name}_norms_grads"] = full_grads(model)
+                    # sync_main: the main backward reduce-scatters too (no unsharded gradient held)
+                    model.zero_grad()
+                    ms.sync_main = True
+                    torch.manual_seed(100 + rank)
+                    ms.backward(x[0, mine], y[0, mine], CE)
+                    ms.sync_main = False
+                    res[f"{name}_sync_main_comm"] = c.take()
+                    res[f"{name}_sync_main_grads"] = full_grads(model)
                     # and an optimizer step on the sharded parameters, clipping included
                     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -258,8 +266,10 @@ def test_fsdp_grad_norms_equal_single_process(fsdp_results, name):
         gm, gs = r[f"{name}_norms"]
         assert gm == pytest.approx(float(ref_main), rel=1e-4)
         assert gs == pytest.approx(float(ref_sub), rel=1e-4)
-        for n, g in total.items():  # measuring changes nothing in the result
+        for n, g in total.items():  # measuring (or syncing the main part) changes nothing in the result
             torch.testing.assert_close(r[f"{name}_norms_grads"][n], g, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(r[f"{name}_sync_main_grads"][n], g, rtol=1e-4, atol=1e-6)
+        assert r[f"{name}_sync_main_comm"]["reduce_scatter"] == 2 * r[f"{name}_plain_comm"]["reduce_scatter"]
         # the measured steps sync the main part first: one extra reduce-scatter per unit there
         assert r[f"{name}_norms_comm"]["reduce_scatter"] == 2 * r[f"{name}_plain_comm"]["reduce_scatter"]
 

@@ -116,7 +116,13 @@ class MaskSub:
     ``ratio=None`` takes the paper's value (mask 0.5, text 0.15, dropout 0.2, drop-path +0.1).
     ``mode=None`` (or ``"none"``) turns the sub-branch off: a plain step, for baselines.
     ``amp_dtype`` runs both forwards under autocast (backward outside it).
+
+    ``sync_main = True`` (FSDP2): the main backward reduce-scatters too, two per step, so FSDP
+    holds no unsharded gradient until the sub backward (for models where one full gradient
+    per GPU does not fit). The default is one reduce-scatter per step, as under DDP.
     """
+
+    sync_main: bool = False
 
     def __init__(self, model: nn.Module, mode: str | None = "mask", ratio: float | None = None, *,
                  family: str | None = None, order: str = "memory", kind: str = "softmax",
@@ -241,8 +247,8 @@ class MaskSub:
         if self.order == "memory":
             # FSDP2 keeps an unsynced gradient inside, out of ``.grad``: a step that measures the
             # main branch's gradient norm syncs it (one extra reduce-scatter, on those steps only)
-            measure_inside = grad_norms and hasattr(model, "set_requires_gradient_sync")
-            with ddp_no_sync(model, not measure_inside):
+            fsdp = hasattr(model, "set_requires_gradient_sync")
+            with ddp_no_sync(model, not (fsdp and (grad_norms or self.sync_main))):
                 main = self.forward_main(x)
                 loss_main = _main_loss(main)
                 before = _grads(params) if grad_norms else None

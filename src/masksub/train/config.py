@@ -101,6 +101,7 @@ class Config:
     threads: int = 0
     dist: str = "ddp"
     fsdp_activation_checkpointing: bool = False
+    fsdp_sync_main: bool = False  # reduce-scatter after the main backward too: less memory, 2x reduce
     # run
     seed: int = 0
     output: str = "runs"

@@ -98,6 +98,7 @@ class Trainer:
             from . import fsdp
 
             self.fsdp = fsdp.setup(model, cfg, self.dist.enabled, self.device)
+            self.ms.sync_main = self.step_ms.sync_main = cfg.fsdp_sync_main
         self.optimizer = build_optimizer(cfg, model)
         self.ema = None
         if cfg.ema:

@@ -169,6 +169,14 @@ def worker(rank, port, out_dir):
             except MaskSubError as e:
                 res["late_token"] = str(e)
             res["late_token_left"] = hasattr(model, "masksub_mask_token")
+            import masksub
+
+            try:
+                masksub.prepare(model, "mask")
+                res["late_prepare"] = "accepted"
+            except MaskSubError as e:
+                res["late_prepare"] = str(e)
+            res["late_prepare_left"] = hasattr(model, "masksub_mask_token")
             res["late_family"] = MaskSub(model, "dropout").branch.name  # detection sees Swin through FSDP
             from masksub.branches import detect_family
 
@@ -293,5 +301,6 @@ def test_fsdp_late_mask_token_refused_and_family_detected(fsdp_results):
     for r in fsdp_results:
         assert "before fully_shard" in r["late_token"]
         assert r["late_token_left"] is False
+        assert "before fully_shard" in r["late_prepare"] and r["late_prepare_left"] is False
         assert r["swin_family_sharded"] == "swin"
         assert r["late_family"] == "dropout"

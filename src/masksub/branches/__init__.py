@@ -68,7 +68,16 @@ def build_branch(model: nn.Module, mode: str = "mask", family: str | None = None
 def prepare(model: nn.Module, mode: str = "mask", family: str | None = None, **options: Any) -> Family:
     """Add what the sub-branch needs to ``model`` (a mask token) before the optimizer is built."""
     branch = build_branch(model, mode, family, **options)
-    branch.prepare(unwrap(model))
+    inner = unwrap(model)
+    before = {id(p) for p in inner.parameters()}
+    branch.prepare(inner)
+    added = [n for n, p in inner.named_parameters() if id(p) not in before]
+    if added and any(hasattr(m, "set_requires_gradient_sync") for m in inner.modules()):  # FSDP2
+        for name in added:
+            if "." not in name:
+                delattr(inner, name)
+        raise MaskSubError(f"masksub.prepare adds {added} to a model already sharded with fully_shard, "
+                           "which would neither shard nor reduce them; call it before fully_shard")
     return branch
 
 

@@ -42,12 +42,11 @@ def check_config(cfg: Any) -> None:
 def setup(model: nn.Module, cfg: Any, distributed: bool, device: torch.device) -> Any:
     """Shard ``model`` for the trainer (one process: nothing to shard, checkpoints still
     sharded-format so either world size can resume them); returns this module."""
+    if cfg.fsdp_activation_checkpointing:
+        checkpoint_blocks(model)
     if distributed:
-        shard_model(model, amp=cfg.amp, activation_checkpointing=cfg.fsdp_activation_checkpointing,
-                    device_type=device.type)
+        shard_model(model, amp=cfg.amp, device_type=device.type)
     else:
-        if cfg.fsdp_activation_checkpointing and hasattr(model, "set_grad_checkpointing"):
-            model.set_grad_checkpointing(True)
         print("masksub train: dist=fsdp in one process: nothing to shard (launch with torchrun)",
               file=sys.stderr)
     return sys.modules[__name__]
@@ -92,10 +91,7 @@ def shard_model(model: nn.Module, *, amp: str = "none", activation_checkpointing
     if not (dist.is_available() and dist.is_initialized()):
         raise MaskSubError("dist=fsdp needs a process group: launch with torchrun --nproc_per_node N")
     if activation_checkpointing:
-        if not hasattr(model, "set_grad_checkpointing"):
-            raise MaskSubError(f"{type(model).__name__} has no set_grad_checkpointing(); set "
-                               "fsdp_activation_checkpointing: false")
-        model.set_grad_checkpointing(True)  # timm's own hook: blocks recomputed in the backward
+        checkpoint_blocks(model)
     device_type = device_type or next(model.parameters()).device.type
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     policy = mp_policy(amp)
@@ -103,6 +99,14 @@ def shard_model(model: nn.Module, *, amp: str = "none", activation_checkpointing
         fully_shard(unit, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
+
+
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Activation checkpointing through timm's own hook: blocks recomputed in the backward."""
+    if not hasattr(model, "set_grad_checkpointing"):
+        raise MaskSubError(f"{type(model).__name__} has no set_grad_checkpointing(); set "
+                           "fsdp_activation_checkpointing: false")
+    model.set_grad_checkpointing(True)
 
 
 def even(batches: Iterable[Any], pad: Callable[[Tensor], Any], d: Any, device: torch.device,

@@ -279,3 +279,70 @@ def test_checkpoint_without_config_gets_a_message(tmp_path: Path, capsys) -> Non
     assert "no 'config'" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(tmp_path / "noconf.pt")]) == 2
     assert "no 'config'" in capsys.readouterr().err
+
+
+# -- case 4: a signal stops the whole comparison; --resume continues it ------------------------
+CMP = ["--recipe", "fashion-mnist", "--data", "synthetic", "--set", "synthetic_size=24",
+       "--set", "synthetic_val_size=4", "--batch-size", "4", "--epochs", "1", "--set", "model_kwargs.depth=1",
+       "--set", "model_kwargs.embed_dim=32", "--set", "model_kwargs.num_heads=2", "--amp", "none",
+       "--no-progress", "--set", "log_every=1", "--set", "checkpoint_every=1", "--set", "threads=1",
+       "--no-analysis", "--settings", "baseline,masksub"]
+
+
+@pytest.mark.slow
+def test_signal_stops_compare_and_resume_finishes_it(tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    # every checkpoint write stalls 0.3 s (test hook), so the second run is still going at the signal
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", **{checkpoint.SLOW_ENV: "0.3"})
+    proc = subprocess.Popen([sys.executable, "-m", "masksub.cli", "compare", *CMP, "--out", str(out)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    second = out / "masksub-seed0" / "metrics.jsonl"
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            if second.exists() and len(second.read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        text, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = text.decode()
+    assert proc.returncode == 143, text[-3000:]
+    assert f"masksub compare --resume {out}" in text
+    assert not (out / "results.md").exists() and not (out / "results.csv").exists()
+    first = (out / "baseline-seed0" / "metrics.jsonl").read_bytes()
+    stopped_at = checkpoint.load(out / "masksub-seed0")["global_step"]
+    assert 1 <= stopped_at < 6
+
+    assert main(["compare", "--resume", str(out)]) == 0
+    assert (out / "baseline-seed0" / "metrics.jsonl").read_bytes() == first  # finished run kept, not retrained
+    import csv
+
+    rows = [r for r in csv.DictReader((out / "results.csv").open()) if r["seed"] != "mean"]
+    assert [(r["setting"], r["epochs"], r["complete"]) for r in rows] == [("baseline", "1", "yes"),
+                                                                       ("masksub", "1", "yes")]
+    steps = [r["step"] for r in records(out / "masksub-seed0") if r["kind"] == "step"]
+    assert steps == [1, 2, 3, 4, 5, 6]  # resumed, each step logged once
+
+
+def test_compare_table_marks_unfinished_runs_and_keeps_them_out_of_the_cost() -> None:
+    from masksub.compare.table import rows_from_runs, to_markdown
+
+    ep = [{"top1": 50.0}]
+    runs = [{"setting": "baseline", "seed": 0, "epochs": ep, "time_s": 10.0, "complete": True},
+            {"setting": "baseline", "seed": 1, "epochs": [], "time_s": 1.0, "complete": False},
+            {"setting": "masksub", "seed": 0, "epochs": ep, "time_s": 15.0, "complete": True}]
+    rows = rows_from_runs(runs)
+    assert [r["complete"] for r in rows] == ["yes", "no", "yes"]
+    assert rows[2]["cost_vs_baseline"] == pytest.approx(1.5)  # the partial run's 1 s is not averaged in
+    md = to_markdown(rows)
+    assert "| baseline | 1 | 0 |" in md and "not comparable" in md
+    assert "| baseline | mean | 1 | 50.00 | 50.00 | 10 | 1.00x | yes |" in md
+
+
+def test_compare_refuses_a_folder_that_holds_a_comparison(tmp_path: Path, capsys) -> None:
+    (tmp_path / "compare.json").write_text("{}")
+    assert main(["compare", *CMP, "--out", str(tmp_path)]) == 2
+    assert "--resume" in capsys.readouterr().err

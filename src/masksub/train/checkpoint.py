@@ -96,8 +96,9 @@ def _write(f: Any, data: memoryview) -> None:
     f.write(data[half:])
 
 
-def load(path: str | Path, *, map_location: Any = "cpu") -> dict[str, Any]:
-    """Read and check a checkpoint; every way it can be unusable is a MaskSubError."""
+def load(path: str | Path, *, map_location: Any = "cpu", require: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read and check a checkpoint; every way it can be unusable is a MaskSubError (``require``:
+    keys the caller needs, e.g. ``("config", "model")`` to train or evaluate)."""
     path = Path(path)
     if path.is_dir():
         path = path / "last.pt"
@@ -118,7 +119,7 @@ def load(path: str | Path, *, map_location: Any = "cpu") -> dict[str, Any]:
             f"checkpoint {path} has format version {version!r}; this masksub reads version {VERSION}. "
             "Use the masksub release that wrote it"
         )
-    missing = [k for k in ("config", "model") if k not in ckpt]
+    missing = [k for k in require if k not in ckpt]
     if missing:
         raise MaskSubError(
             f"checkpoint {path} has no {' or '.join(repr(k) for k in missing)}: it was not written by "

@@ -27,7 +27,7 @@ def evaluate_checkpoint(path: str, *, data: str | None = None, ema: bool = False
     from .build import build_model, label_criterion
     from .data import build_data
 
-    ck = checkpoint.load(path)
+    ck = checkpoint.load(path, require=("config", "model"))
     cfg = C.from_dict(ck["config"])
     ov = C.parse_sets(sets or [])
     if data:

@@ -84,7 +84,7 @@ def main(args: argparse.Namespace) -> int:
     if args.resume:
         from . import checkpoint
 
-        saved = checkpoint.load(args.resume)["config"]
+        saved = checkpoint.load(args.resume, require=("config", "model"))["config"]
         cfg = C.from_dict(saved)
         cfg = C.apply(cfg, ov, "the command line")
         C.validate(cfg)

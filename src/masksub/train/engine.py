@@ -12,12 +12,12 @@ import contextlib
 import datetime as _dt
 import errno
 import fcntl
-import uuid
 import json
 import os
 import signal
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 

@@ -162,6 +162,12 @@ class Trainer:
         if resume_ckpt is not None:
             self._restore(resume_ckpt, resume)
         # nothing is written before this point: the lock first, then what the run owns
+        if self.dist.main:
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise MaskSubError(f"cannot write the run directory {self.run_dir} ({e.strerror or e}); "
+                                   "choose another --output (or --run-name)") from None
         self._lock = _lock_run_dir(self.run_dir) if self.dist.main else None
         if D.any_flag(self.dist.main and self._lock is None, self.dist, self.device):
             raise MaskSubError(_locked_message(self.run_dir))
@@ -640,14 +646,7 @@ def _resolve_run_dir(cfg: Config, resume: str | None, run_dir: str | None) -> Pa
 def _check_run_dir(run_dir: Path, ck: dict[str, Any] | None, *, overwrite: bool) -> str:
     """Refuse, before any work: a new run in a directory that holds one (unless ``overwrite``),
     a directory that cannot be written, a checkpoint of another run. Returns the run's id."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise MaskSubError(f"cannot write the run directory {run_dir} ({e.strerror or e}); choose another "
-                           "--output (or --run-name)") from None
+    _check_writable(run_dir)  # nothing is made yet: an error later leaves no empty run directory
     own = _read_run_id(run_dir)
     if ck is None:
         held = [n for n in RUN_FILES if (run_dir / n).exists()]
@@ -664,6 +663,18 @@ def _check_run_dir(run_dir: Path, ck: dict[str, Any] | None, *, overwrite: bool)
             f"run is {own[:8]}; its config: {ck['config'].get('run_name') or ck['config'].get('recipe')!r}): "
             "resume that run's own directory, or copy the checkpoint into an empty directory to continue it there")
     return theirs or own or uuid.uuid4().hex
+
+
+def _check_writable(run_dir: Path) -> None:
+    """The run directory, or the nearest folder above it that exists, must be a writable folder."""
+    p = run_dir.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    why = ("is not a folder" if not p.is_dir() else
+           "is not writable" if not os.access(p, os.W_OK | os.X_OK) else None)
+    if why:
+        raise MaskSubError(f"cannot write the run directory {run_dir}: {p} {why}; choose another --output "
+                           "(or --run-name)")
 
 
 def _read_run_id(run_dir: Path) -> str | None:

@@ -94,7 +94,15 @@ class Trainer:
         self.run_dir = _resolve_run_dir(cfg, resume, run_dir)
         self._lock: Any = None
         self._saved_step: int | None = resume_ckpt["global_step"] if resume_ckpt is not None else None
-        self.run_id = _check_run_dir(self.run_dir, resume_ckpt, overwrite=overwrite)
+        refused: MaskSubError | None = None
+        self.run_id = (resume_ckpt or {}).get("run_id")
+        if self.dist.main:  # one rank looks (the others could see its files appear); all agree
+            try:
+                self.run_id = _check_run_dir(self.run_dir, resume_ckpt, overwrite=overwrite)
+            except MaskSubError as e:
+                refused = e
+        if D.any_flag(refused is not None, self.dist, self.device):
+            raise refused or MaskSubError("rank 0 refused the run directory (see its message)")
         model = build_model(cfg).to(self.device)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)

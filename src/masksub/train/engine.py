@@ -63,7 +63,7 @@ class _NanGrad(torch.autograd.Function):
 
 
 class TrainingStopped(MaskSubError):
-    """The run stopped on purpose (non-finite losses); a checkpoint was written first."""
+    """The run stopped on purpose (non-finite values); the message says which checkpoint is intact."""
 
 
 def _fmt_time(s: float) -> str:

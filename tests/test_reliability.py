@@ -199,6 +199,7 @@ def test_resume_refuses_another_recipe_and_a_foreign_checkpoint(tmp_path: Path, 
 
 
 # -- case 11: kill -9 after an epoch line, before its checkpoint -------------------------------
+@pytest.mark.slow
 def test_kill_9_between_epoch_line_and_checkpoint_does_not_duplicate_lines(tmp_path: Path) -> None:
     base = ["--set", "epochs=2", "--set", "ema=false"]
     assert train(tmp_path, "straight", *base, "--max-steps", "4") == 0

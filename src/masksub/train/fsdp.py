@@ -191,6 +191,20 @@ def save(run_dir: Path, name: str, state: dict[str, Any], model: nn.Module,
     return path
 
 
+def local_view(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with each rank's own shards in place of the sharded tensors (DTensors), for
+    checks every rank runs on its part and then agrees on (the non-finite check)."""
+    def local(v: Any) -> Any:
+        return v.to_local() if hasattr(v, "to_local") else v
+
+    out = dict(state)
+    out["model"] = {k: local(v) for k, v in (state.get("model") or {}).items()}
+    opt = state.get("optimizer") or {}
+    out["optimizer"] = {**opt, "state": {i: {k: local(v) for k, v in st.items()}
+                                         for i, st in opt.get("state", {}).items()}}
+    return out
+
+
 def sharded_dir(ck: dict[str, Any], path: str | Path) -> Path:
     """The directory a pointer checkpoint names, next to it; a clear error when it is gone."""
     p = Path(path)

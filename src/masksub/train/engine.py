@@ -387,10 +387,12 @@ class Trainer:
         (no host sync). None for fp16 without clipping: the GradScaler checks the gradient itself."""
         params = [p for p in self.model_raw.parameters() if p.grad is not None]
         if self.cfg.clip_grad:
-            return torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad)
-        if self.scaler.is_enabled():
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad)
+        elif self.scaler.is_enabled():
             return None
-        return torch.nn.utils.get_total_norm([p.grad for p in params])
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: of the whole
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:

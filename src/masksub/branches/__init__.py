@@ -26,12 +26,13 @@ from .custom import CustomMask
 from .drop import DropSub, PathSub
 from .mask_token import BeitMaskToken, MaskTokenFamily, SwinMaskToken
 from .pixel import PixelMask
+from .stem import StemMaskToken
 from .text import TextMask
 from .vit import ViTTokenRemoval
 
 # Detection tries the last registered first: the CNN pixel fallback last, a model with its own
 # mask_ratio argument first.
-for _cls in (PixelMask, ViTTokenRemoval, MaskTokenFamily, BeitMaskToken, SwinMaskToken, TextMask, CustomMask):
+for _cls in (PixelMask, StemMaskToken, ViTTokenRemoval, MaskTokenFamily, BeitMaskToken, SwinMaskToken, TextMask, CustomMask):
     register_family(_cls)
 
 __all__ = [
@@ -85,7 +86,7 @@ def sub_branch(model: nn.Module, mode: str = "mask", ratio: float | None = None,
         raise MaskSubError(f"family {branch.name!r} does not support mode {mode!r}; it supports {branch.modes}")
     r = resolve_ratio(mode, ratio, type(branch))
     inner = unwrap(model)
-    if not isinstance(branch, MaskTokenFamily):  # that one warns if it must add its token here
+    if not getattr(branch, "adds_parameters", False):  # those warn if they must add a token here
         branch.prepare(inner)
     branch.check(inner, r)
     with branch.apply(inner, r):

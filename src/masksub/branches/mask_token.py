@@ -75,6 +75,7 @@ class MaskTokenFamily(Family):
     """
 
     name = "vit_token"
+    adds_parameters = True
     region_px_default: int | None = None  # None: one patch
 
     def __init__(self, region_px: int | None = None, block: bool = False, **options: Any) -> None:

@@ -104,7 +104,7 @@ def test_trains_on_fashion_mnist_with_clipping(name):
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     crit = nn.CrossEntropyLoss()
     losses = []
-    for epoch in range(3):
+    for _epoch in range(3):
         for i in range(0, len(x), 32):
             opt.zero_grad()
             out = ms.backward(x[i:i + 32], y[i:i + 32], crit, grad_norms=True)

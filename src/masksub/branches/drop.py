@@ -206,7 +206,7 @@ class PathSub(Family):
         paths, _ = self._slots.get(model, _drop_path_slots)
         bad = [getattr(m, a) for m, a in paths if getattr(m, a) + ratio >= 1.0]
         if bad:
-            raise MaskSubError(f"drop-path {max(bad)} + delta {ratio} reaches 1; use a smaller delta (ratio)")
+            raise MaskSubError(f"drop-path {max(bad):.4g} + delta {ratio:.4g} reaches 1; use a smaller delta (ratio)")
 
     @contextlib.contextmanager
     def apply(self, model: nn.Module, ratio: float) -> Iterator[None]:

@@ -27,7 +27,7 @@ from ..errors import MaskSubError
 from .base import Family, PerModel
 from .mask_token import TOKEN_NAME, ensure_mask_token
 from .masks import random_mask
-from .pixel import check_divisible
+from .pixel import check_divisible, image_of
 
 STEM_SLOTS = ("stem",)
 
@@ -136,10 +136,13 @@ class StemMaskToken(Family):
         ensure_mask_token(model, self._stem(model)[1])
 
     def validate(self, model: nn.Module, x: Any) -> None:
-        if not isinstance(x, Tensor) or x.ndim != 4:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise MaskSubError(f"the stem sub-branch takes NCHW image batches, got {shape}; pass mask_fn= for other inputs")
-        check_divisible(x.shape[-2], x.shape[-1], self.region_px)
+        img = image_of(x)
+        if img is None or img.ndim != 4:
+            shape = tuple(img.shape) if isinstance(img, Tensor) else type(x).__name__
+            raise MaskSubError(
+                f"the stem sub-branch takes NCHW image batches (or a dict with 'pixel_values'), got {shape}; "
+                "pass mask_fn= for other inputs")
+        check_divisible(img.shape[-2], img.shape[-1], self.region_px)
 
     def _make(self, model: nn.Module) -> MaskedStem:
         slot, dim = self._stem(model)

@@ -88,11 +88,85 @@ class ViTTokenRemoval(Family):
 
     @contextlib.contextmanager
     def apply(self, model: nn.Module, ratio: float) -> Iterator[None]:
+        in_modules = "patch_drop" in model._modules  # timm Eva keeps a plain None attribute
         old = model.patch_drop
         removal = self._removal.get(model, self._make_removal)
         removal.ratio = ratio
-        model.patch_drop = removal
+        if not in_modules:
+            del model.__dict__["patch_drop"]
+        model._modules["patch_drop"] = removal
         try:
             yield
         finally:
-            model.patch_drop = old
+            if in_modules:
+                model._modules["patch_drop"] = old
+            else:
+                del model._modules["patch_drop"]
+                model.__dict__["patch_drop"] = old
+
+
+class _ThenRemove(nn.Module):
+    """The slot's own module (Hugging Face's embedding dropout), then token removal."""
+
+    def __init__(self, first: nn.Module, removal: TokenRemoval) -> None:
+        super().__init__()
+        self.first = first
+        self.removal = removal
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.removal(self.first(x))
+
+
+def _hf_vit_embeddings(model: nn.Module) -> nn.Module | None:
+    """The ``embeddings`` module of a Hugging Face ViT / DeiT (absolute position embedding,
+    class (+ distillation) token first, then ``self.dropout``), else None."""
+    if not type(model).__module__.startswith("transformers."):
+        return None
+    if getattr(getattr(model, "config", None), "model_type", None) not in ("vit", "deit"):
+        return None
+    for name, m in model.named_modules():
+        if name.rsplit(".", 1)[-1] == "embeddings" and hasattr(m, "patch_embeddings") \
+                and hasattr(m, "cls_token") and isinstance(getattr(m, "dropout", None), nn.Module):
+            return m
+    return None
+
+
+class HFViTTokenRemoval(Family):
+    """Hugging Face ``ViTForImageClassification`` / DeiT: MAE-style token removal in the
+    embeddings' own ``dropout`` slot (right after the position embedding); the class and
+    distillation tokens are kept. Cost ~0.5x a main forward at r=0.5."""
+
+    name = "hf_vit"
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._wrap = PerModel()
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return _hf_vit_embeddings(model) is not None
+
+    def validate(self, model: nn.Module, x: Any) -> None:
+        if _hf_vit_embeddings(model) is None:
+            raise MaskSubError(f"{type(model).__name__} is not a Hugging Face ViT / DeiT; pick another family")
+
+    @staticmethod
+    def _make(model: nn.Module) -> _ThenRemove:
+        emb = _hf_vit_embeddings(model)
+        prefix = 1 + int(getattr(emb, "distillation_token", None) is not None)
+        return _ThenRemove(emb.dropout, TokenRemoval(0.0, prefix))
+
+    @contextlib.contextmanager
+    def apply(self, model: nn.Module, ratio: float) -> Iterator[None]:
+        emb = _hf_vit_embeddings(model)
+        if emb is None:
+            raise MaskSubError(f"{type(model).__name__} is not a Hugging Face ViT / DeiT; pick another family")
+        old = emb._modules["dropout"]
+        wrap = self._wrap.get(model, self._make)
+        wrap.first = old
+        wrap.removal.ratio = ratio
+        emb._modules["dropout"] = wrap
+        try:
+            yield
+        finally:
+            emb._modules["dropout"] = old

@@ -29,7 +29,7 @@ from .mask_token import TOKEN_NAME, ensure_mask_token
 from .masks import random_mask
 from .pixel import check_divisible, image_of
 
-STEM_SLOTS = ("stem",)
+STEM_SLOTS = ("stem", "embeddings")  # timm; Hugging Face ConvNeXt / ConvNeXtV2 (model.convnext.embeddings)
 
 
 def _is_layer_norm(m: nn.Module) -> bool:
@@ -45,11 +45,20 @@ def _is_norm(m: nn.Module) -> bool:
     return isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)) or "Norm" in type(m).__name__
 
 
+def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``stem`` / ``embeddings`` modules of the model or of one of its children, by path."""
+    out = [(s, getattr(model, s)) for s in STEM_SLOTS if isinstance(getattr(model, s, None), nn.Module)]
+    for cname, child in model.named_children():
+        out += [(f"{cname}.{s}", getattr(child, s)) for s in STEM_SLOTS
+                if isinstance(getattr(child, s, None), nn.Module)]
+    return out
+
+
 def find_stem(model: nn.Module) -> tuple[str, int] | None:
-    """(slot, channels) of a conv stem whose last norm is a LayerNorm, else None."""
-    for slot in STEM_SLOTS:
-        stem = getattr(model, slot, None)
-        if not isinstance(stem, nn.Module) or not any(isinstance(m, nn.Conv2d) for m in stem.modules()):
+    """(dotted slot, channels) of a conv stem whose last norm is a LayerNorm, else None."""
+    for slot, stem in _candidates(model):
+        convs = [m for m in stem.modules() if isinstance(m, nn.Conv2d)]
+        if not convs or any(isinstance(m, nn.Embedding) for m in stem.modules()):
             continue
         norms = [m for m in stem.modules() if _is_norm(m) and m is not stem]
         if not norms or not _is_layer_norm(norms[-1]):
@@ -103,7 +112,8 @@ class MaskedStem(nn.Module):
 
 
 class StemMaskToken(Family):
-    """A CNN whose ``stem`` ends in a LayerNorm: mask token on 32 px regions after the stem.
+    """A CNN whose ``stem`` (timm) or ``embeddings`` (Hugging Face ConvNeXt) is a conv ending in
+    a LayerNorm: mask token on 32 px regions after the stem.
 
     Option: ``region_px`` (pixels per mask region side, default 32; a multiple of the stem stride).
     """
@@ -146,7 +156,7 @@ class StemMaskToken(Family):
 
     def _make(self, model: nn.Module) -> MaskedStem:
         slot, dim = self._stem(model)
-        return MaskedStem(getattr(model, slot), model, dim, self.region_px)
+        return MaskedStem(model.get_submodule(slot), model, dim, self.region_px)
 
     @contextlib.contextmanager
     def apply(self, model: nn.Module, ratio: float) -> Iterator[None]:
@@ -157,12 +167,14 @@ class StemMaskToken(Family):
             self.prepare(model)
         slot, _ = self._stem(model)
         wrapper = self._wrappers.get(model, self._make)
-        stem = getattr(model, slot)
+        owner_path, _, name = slot.rpartition(".")
+        owner = model.get_submodule(owner_path) if owner_path else model
+        stem = owner._modules[name]
         if wrapper.stem is not stem:  # the slot was given another module since
             wrapper.stem = stem
         wrapper.ratio = ratio
-        setattr(model, slot, wrapper)
+        owner._modules[name] = wrapper
         try:
             yield
         finally:
-            setattr(model, slot, stem)
+            owner._modules[name] = stem

@@ -15,10 +15,10 @@ S4 = dict(depths=(1, 1, 1, 1))
 DIMS = dict(dims=(16, 32, 32, 64))
 VIT = dict(depth=1, embed_dim=32, num_heads=2, img_size=64)
 
-# name -> (builder keywords, expected mask family). Families other than vit/stem/swin/beit
-# are pixel: a CNN stem with BatchNorm, or a token model with no slot to drop tokens in
-# (PiT pools a token grid, XCiT's local patch interaction and LeViT's attention biases need the
-# full grid, CaiT/Hiera/MViTv2 have no patch_drop slot): 32 px zeroed squares, cost 1x.
+# name -> (builder keywords, expected mask family). pixel: a CNN stem with BatchNorm, or a token
+# model with no slot to drop tokens in and a stem pixel masking does not break (PiT pools a
+# token grid, XCiT's local patch interaction and LeViT's attention biases need the full grid):
+# 32 px zeroed squares, cost 1x.
 MODELS = {
     "vit_tiny_patch16_224": (VIT, "vit"),
     "deit3_small_patch16_224": (VIT, "vit"),
@@ -52,7 +52,9 @@ MODELS = {
     "levit_128s": (dict(img_size=64), "pixel"),
     "pit_ti_224": (dict(img_size=64, depth=(1, 1, 1)), "pixel"),
     "xcit_nano_12_p16_224": (dict(depth=1), "pixel"),
-    "cait_xxs24_224": (dict(depth=1, depth_token_only=1, embed_dim=32, num_heads=2, img_size=64), "pixel"),
+    "cait_xxs24_224": (dict(depth=1, depth_token_only=1, embed_dim=32, num_heads=2, img_size=64), "cait"),
+    "vit_relpos_small_patch16_224": (VIT, "vit_relpos"),
+    "hiera_tiny_224": (dict(img_size=(64, 64), embed_dim=16, num_heads=1, stages=(1, 1, 1, 1)), "hiera"),
     "dla34": ({}, "pixel"),
     "cspresnet50": ({}, "pixel"),
 }
@@ -63,9 +65,13 @@ def build(name, kw):
     import timm
 
     try:
-        return timm.create_model(name, pretrained=False, num_classes=5, drop_rate=0.1, drop_path_rate=0.1, **kw)
+        model = timm.create_model(name, pretrained=False, num_classes=5, drop_rate=0.1, drop_path_rate=0.1, **kw)
     except TypeError:
-        return timm.create_model(name, pretrained=False, num_classes=5, drop_rate=0.1, **kw)
+        model = timm.create_model(name, pretrained=False, num_classes=5, drop_rate=0.1, **kw)
+    head = model.get_classifier()
+    if isinstance(head, torch.nn.Linear) and not head.weight.any():  # Hiera zeroes a new head: every
+        torch.nn.init.normal_(head.weight, std=0.02)                   # output would equal every other
+    return model
 
 
 def check(reports, expected_family):
@@ -86,6 +92,7 @@ def test_timm_architecture(name):
     kw, family = MODELS[name]
     model = build(name, kw)
     size = kw.get("img_size", 64)
+    size = size[0] if isinstance(size, tuple) else size
     reports = inspect_model(model, image_size=size, batch=2, repeats=0)
     check(reports, family)
 

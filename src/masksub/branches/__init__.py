@@ -26,15 +26,17 @@ from .base import (
 )
 from .custom import CustomMask
 from .drop import DropSub, PathSub
-from .mask_token import BeitMaskToken, MaskTokenFamily, SwinMaskToken
+from .mask_token import BeitMaskToken, MaskTokenFamily, RelPosMaskToken, SwinMaskToken
 from .pixel import PixelMask
 from .stem import StemMaskToken
 from .text import TextMask
-from .vit import HFViTTokenRemoval, ViTTokenRemoval
+from .vit import CaitTokenRemoval, HFViTTokenRemoval, HieraTokenRemoval, ViTTokenRemoval
 
 # Detection tries the last registered first: the CNN pixel fallback last, a model with its own
 # mask_ratio argument first.
-for _cls in (PixelMask, StemMaskToken, ViTTokenRemoval, HFViTTokenRemoval, MaskTokenFamily, BeitMaskToken, SwinMaskToken, TextMask, CustomMask):
+for _cls in (PixelMask, StemMaskToken, ViTTokenRemoval, HFViTTokenRemoval, CaitTokenRemoval, HieraTokenRemoval,
+             MaskTokenFamily,
+             BeitMaskToken, SwinMaskToken, RelPosMaskToken, TextMask, CustomMask):
     register_family(_cls)
 
 __all__ = [

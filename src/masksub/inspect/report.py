@@ -34,6 +34,9 @@ WHY = {
     "beit": "a timm Beit: relative position bias over a fixed grid, tokens cannot be removed",
     "vit_token": "chosen by family='vit_token'",
     "hf_vit": "a Hugging Face ViT / DeiT: absolute position embedding, then a dropout slot to remove tokens in",
+    "cait": "a timm Cait: its pos_drop slot runs after the position embedding, before any class token",
+    "vit_relpos": "a timm VisionTransformerRelPos: relative position bias over a fixed grid, tokens cannot be removed",
+    "hiera": "a timm Hiera: its own mask-unit patch dropout (patch_drop_rate) removes 32 px units",
     "vit": "has timm's patch_drop slot after the position embedding (VisionTransformer, Eva)",
     "stem": "its stem (model.stem) is a conv ending in a LayerNorm: zeroed pixels would make that norm divide by sqrt(eps)",
     "pixel": "has a Conv2d and no more specific family fits: zeroed pixel squares",
@@ -41,7 +44,7 @@ WHY = {
     "droppath": "PathSub works for any model with drop-path (stochastic depth)",
 }
 # What the sub forward should cost relative to the main one, per family (above 1.5x this: warn).
-EXPECTED_COST = {"vit": 0.5, "hf_vit": 0.5}
+EXPECTED_COST = {"vit": 0.5, "hf_vit": 0.5, "cait": 0.5, "hiera": 0.5}
 
 
 @dataclass
@@ -107,9 +110,9 @@ def describe(model: nn.Module, branch: Family, ratio: float, x: Any) -> str:
     if isinstance(branch, PathSub):
         paths, empty = _drop_path_slots(inner)
         return f"{len(paths)} drop-path rate(s) +{ratio:g}, {len(empty)} empty slot(s) get drop-path {ratio:g}"
-    if name in ("vit", "hf_vit") and img is not None:
-        if name == "vit":
-            grid, prefix = _grid(inner, img), int(inner.num_prefix_tokens)
+    if name in ("vit", "hf_vit", "cait") and img is not None:
+        if name in ("vit", "cait"):
+            grid, prefix = _grid(inner, img), int(getattr(inner, "num_prefix_tokens", 0)) if name == "vit" else 0
         else:
             from ..branches.vit import _hf_vit_embeddings
 
@@ -126,12 +129,16 @@ def describe(model: nn.Module, branch: Family, ratio: float, x: Any) -> str:
         n = (img.shape[-2] // px) * (img.shape[-1] // px)
         where = "zeroed in the image" if name == "pixel" else "replaced by a mask token after the stem's norm"
         return f"{masked_count(n, ratio)} of {n} {px}x{px} px squares {where}"
-    if name in ("swin", "beit", "vit_token") and img is not None:
+    if name in ("swin", "beit", "vit_token", "vit_relpos") and img is not None:
         grid = _grid(inner, img)
         r = branch.region_tokens(inner)
         if grid:
             n = (grid[0] // r) * (grid[1] // r)
             return f"{masked_count(n, ratio)} of {n} regions of {r}x{r} patch tokens replaced by a mask token"
+    if name == "hiera":
+        n = math.prod(inner.mask_spatial_shape)
+        keep = int(n * (1 - ratio))
+        return f"keeps {keep} of {n} mask units ({'x'.join(map(str, inner.mask_unit_size))} tokens each); the rest removed"
     if name == "text":
         return f"{ratio:.0%} of the non-special, non-padding tokens of each sequence -> [MASK]"
     return f"{name} sub-branch at ratio {ratio:g}"

@@ -40,6 +40,8 @@ def _is_residual_dropout(parent_name: str, parent: nn.Module, leaf: str) -> bool
     ``drop1`` / ``drop2``; Hugging Face ``*Output.dropout``, ``ffn.dropout``)."""
     owner = parent_name.rsplit(".", 1)[-1].lower()
     cls = type(parent).__name__
+    if "head" in owner or "Head" in cls:  # a classifier head's dropout (timm NormMlpClassifierHead)
+        return False
     if leaf == "proj_drop":
         return "attn" in owner or "attention" in owner or "Attention" in cls
     if leaf in ("drop", "drop1", "drop2", "dropout"):

@@ -1,9 +1,11 @@
 """Write README's family table from ``masksub inspect`` on common models (random init, CPU).
 
-    PYTHONPATH=src python scripts/family_table.py [README.md]
+    PYTHONPATH=src python scripts/family_table.py [README.md] [--fresh]
 
-Cost and gradient ratio are measured on the machine that runs it; the family and description
-columns are checked by tests/test_inspect.py.
+Rows already in the table are kept (a slow CPU can fill it over several runs); ``--fresh``
+measures every model again. The README is rewritten after each row. Cost and gradient ratio
+are measured on the machine that runs it; tests/test_inspect.py checks the family and
+description columns.
 """
 
 from __future__ import annotations
@@ -14,22 +16,34 @@ from pathlib import Path
 
 import torch
 
-from masksub.inspect.table import COMMON, END, START, render, row
+from masksub.inspect.table import COMMON, END, START, parse, render, row
 
 
-def main(path: str = "README.md") -> None:
-    torch.manual_seed(0)
-    warnings.simplefilter("ignore")
-    rows = []
-    for name in COMMON:
-        rows.append(row(name))
-        print(" | ".join(rows[-1]), flush=True)
-    readme = Path(path)
+def write(readme: Path, rows: list[list[str]]) -> None:
     text = readme.read_text()
     head, rest = text.split(START, 1)
     tail = rest.split(END, 1)[1]
     readme.write_text(f"{head}{START}\n{render(rows)}\n{END}{tail}")
 
 
+def main(argv: list[str]) -> None:
+    fresh = "--fresh" in argv
+    readme = Path(next((a for a in argv if not a.startswith("--")), "README.md"))
+    warnings.simplefilter("ignore")
+    try:
+        have = {} if fresh else parse(readme.read_text())
+    except IndexError:
+        have = {}
+    rows = [have[n] for n in COMMON if n in have]
+    for name in COMMON:
+        if name in have:
+            continue
+        torch.manual_seed(0)
+        rows.append(row(name))
+        rows.sort(key=lambda r: COMMON.index(r[0].strip("`")))
+        write(readme, rows)
+        print(" | ".join(rows[-1]), flush=True)
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    main(sys.argv[1:])

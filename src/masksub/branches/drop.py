@@ -40,7 +40,7 @@ def _is_residual_dropout(parent_name: str, parent: nn.Module, leaf: str) -> bool
     ``drop1`` / ``drop2``; Hugging Face ``*Output.dropout``, ``ffn.dropout``)."""
     owner = parent_name.rsplit(".", 1)[-1].lower()
     cls = type(parent).__name__
-    if "head" in owner or "Head" in cls:  # a classifier head's dropout (timm NormMlpClassifierHead)
+    if owner.startswith("head") or cls.endswith("Head"):  # a classifier head's (timm NormMlpClassifierHead)
         return False
     if leaf == "proj_drop":
         return "attn" in owner or "attention" in owner or "Attention" in cls

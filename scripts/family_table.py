@@ -39,10 +39,10 @@ def main(argv: list[str]) -> None:
         if name in have:
             continue
         torch.manual_seed(0)
-        rows.append(row(name))
-        rows.sort(key=lambda r: COMMON.index(r[0].strip("`")))
+        new = row(name)
+        rows = sorted([*rows, new], key=lambda r: COMMON.index(r[0].strip("`")))
         write(readme, rows)
-        print(" | ".join(rows[-1]), flush=True)
+        print(" | ".join(new), flush=True)
 
 
 if __name__ == "__main__":

@@ -227,14 +227,17 @@ def test_model_no_family_fits_names_families_and_hook():
 
 def test_dropsub_residual_scope_keeps_attention_named_head():
     """CaiT's TalkingHeadAttn is an attention, not a classifier head: its proj_drop is raised;
-    ConvNeXt's NormMlpClassifierHead dropout is not."""
+    ConvNeXt's NormMlpClassifierHead dropout is not, nor the relative-position MLP's of ViT-relpos."""
     import timm
 
     cait = timm.create_model("cait_xxs24_224", pretrained=False, num_classes=3, depth=1, depth_token_only=1,
                              embed_dim=32, num_heads=2, img_size=32, patch_size=8)
     convnext = timm.create_model("convnext_atto", pretrained=False, num_classes=3, depths=(1, 1, 1, 1),
                                  dims=(8, 8, 8, 8), drop_rate=0.1)
-    for model, must, never in ((cait, "blocks.0.attn.proj_drop", None), (convnext, None, "head.drop")):
+    relpos = timm.create_model("vit_relpos_small_patch16_224", pretrained=False, num_classes=3, depth=1,
+                               embed_dim=32, num_heads=2, img_size=32)
+    for model, must, never in ((cait, "blocks.0.attn.proj_drop", None), (convnext, None, "head.drop"),
+                               (relpos, "blocks.0.mlp.drop1", "blocks.0.attn.rel_pos.mlp.drop1")):
         before = dropout_rates(model)
         with sub_branch(model, "dropout", 0.3):
             now = dropout_rates(model)

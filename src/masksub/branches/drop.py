@@ -70,6 +70,8 @@ def _residual_dropout_slots(model: nn.Module) -> list[tuple[nn.Module, str]]:
         if not isinstance(m, nn.modules.dropout._DropoutNd) or "." not in name:
             continue
         parent_name, leaf = name.rsplit(".", 1)
+        if any("pos" in part for part in parent_name.split(".")):  # a position-bias MLP (timm rel_pos.mlp)
+            continue
         if _is_residual_dropout(parent_name, parents[parent_name], leaf):
             slots.append((m, "p"))
     return slots

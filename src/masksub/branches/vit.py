@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..errors import MaskSubError
 from .base import Family, PerModel
+from .drop import _require_train
 from .masks import masked_count
 
 
@@ -223,8 +224,12 @@ class HieraTokenRemoval(Family):
                 f"{type(model).__name__} was built with patch_drop_rate={model.patch_drop_rate:.4g}: the main branch "
                 "would drop mask units too; build it with patch_drop_rate=0 for MaskSub")
 
+    def validate(self, model: nn.Module, x: Any) -> None:
+        _require_train(model, "Hiera's patch dropout")
+
     @contextlib.contextmanager
     def apply(self, model: nn.Module, ratio: float) -> Iterator[None]:
+        _require_train(model, "Hiera's patch dropout")  # read only in training
         old = model.patch_drop_rate
         model.patch_drop_rate = float(ratio)
         try:

@@ -44,7 +44,10 @@ def test_warns_when_the_sub_branch_drops_nothing():
 def test_cli_with_module_function_and_json(capsys):
     code = cli_main(["inspect", "conftest:tiny_resnet", "--modes", "mask", "--batch", "2", "--json"])
     out = json.loads(capsys.readouterr().out)
-    assert code == 0 and out[0]["family"] == "pixel" and out[0]["restored"] is True
+    assert out[0]["family"] == "pixel" and out[0]["restored"] is True and out[0]["cost"] > 0
+    assert code == (1 if out[0]["warnings"] else 0)  # exit 1 on a warning
+    # on a loaded CPU the measured cost may draw a warning; nothing else may
+    assert [w for w in out[0]["warnings"] if "costs" not in w] == []
 
 
 def test_cli_unknown_model_is_a_clear_error(capsys):

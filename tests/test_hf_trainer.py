@@ -106,7 +106,7 @@ def test_regression_head_uses_squared_error(tmp_path, path, tok):
     model = load_model(path, num_labels=1)
     trainer = MaskSubTrainer(model=model, args=args(tmp_path, max_steps=2), processing_class=tok,
                              train_dataset=make_data(tok, labels="regression"))
-    assert trainer.masksub_kind == "mse"
+    assert trainer.masksub_kind_for(model) == "mse"
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss_sub" in h]
     assert logs and all(h["loss_sub"] >= 0 for h in logs)

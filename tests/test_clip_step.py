@@ -55,12 +55,12 @@ def test_sub_image_tower_sees_class_token_plus_half_the_patches(model_name):
     assert isinstance(model.visual.patch_dropout, torch.nn.Identity)  # slot restored
 
 
-@pytest.mark.parametrize("text", ["shared", "detached"])
-def test_gradients_are_the_halved_sum_of_both_losses(model_name, text):
+@pytest.mark.parametrize("text,order", [("shared", "fused"), ("shared", "memory"), ("detached", "fused")])
+def test_gradients_are_the_halved_sum_of_both_losses(model_name, text, order):
     images, texts = pairs()
     model = make(model_name).train()
     torch.manual_seed(5)
-    ClipMaskSub(model, ratio=0.5, text=text).backward(images, texts)
+    ClipMaskSub(model, ratio=0.5, text=text, order=order).backward(images, texts)
     got = grads(model)
 
     ref = make(model_name).train()

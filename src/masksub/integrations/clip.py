@@ -36,6 +36,7 @@ from ..loss import relaxed_loss
 from ..step import ddp_no_sync, model_autocast
 
 TEXT_MODES = ("shared", "detached")
+ORDERS = ("fused", "memory")
 _REMOVALS: weakref.WeakKeyDictionary[nn.Module, TokenRemoval] = weakref.WeakKeyDictionary()
 
 
@@ -107,13 +108,21 @@ class ClipMaskSub:
 
     def __init__(self, model: nn.Module, mode: str | None = "mask", ratio: float | None = None, *,
                  text: str = "shared", loss: nn.Module | None = None, main_weight: float = 0.5,
-                 sub_weight: float = 0.5, amp_dtype: torch.dtype | None = None) -> None:
+                 sub_weight: float = 0.5, amp_dtype: torch.dtype | None = None, order: str = "fused") -> None:
         import open_clip
 
         if mode not in (None, "none", "mask"):
             raise MaskSubError(f"the CLIP step supports mode 'mask' or 'none', got {mode!r}")
         if text not in TEXT_MODES:
             raise MaskSubError(f"text must be one of {TEXT_MODES}, got {text!r}")
+        if order not in ORDERS:
+            raise MaskSubError(f"order must be one of {ORDERS}, got {order!r}")
+        if text == "detached" and hasattr(model, "no_sync") and not getattr(model, "find_unused_parameters", True):
+            raise MaskSubError(
+                "text='detached' leaves the text tower out of the sub-branch's backward, which DDP built with "
+                "find_unused_parameters=False waits for forever: use text='shared' with order='memory' (same "
+                "peak memory order, every parameter in the one synced backward)"
+            )
         self.loss_fn = loss if loss is not None else open_clip.ClipLoss()
         if not (hasattr(self.loss_fn, "get_logits") and hasattr(self.loss_fn, "get_ground_truth")):
             raise MaskSubError("loss must be an open_clip.ClipLoss (or subclass): its get_logits is reused")
@@ -126,6 +135,7 @@ class ClipMaskSub:
         if self.mode is None and ratio is not None:
             raise MaskSubError("mode='none' has no sub-branch: drop ratio or set mode='mask'")
         self.text = text
+        self.order = order
         self.main_weight, self.sub_weight = float(main_weight), float(sub_weight)
         self.amp_dtype = amp_dtype
         self._check_tower()
@@ -152,39 +162,51 @@ class ClipMaskSub:
 
     def backward(self, images: Tensor, texts: Tensor, *, scaler: torch.amp.GradScaler | None = None,
                  sync: bool = True, loss_scale: float = 1.0) -> ClipStepOutput:
-        """Main and sub forward + backward; the gradients of both losses end summed in ``.grad``."""
+        """Main and sub forward + backward; the gradients of both losses end summed in ``.grad``.
+
+        Under DDP only the sub forward runs outside ``no_sync()`` (DDP arms its all-reduce at
+        forward time), so the gradients are all-reduced once per step, as in a plain CLIP step;
+        ``sync=False`` keeps that one off too (gradient accumulation).
+        """
         model = self.model
 
-        def bw(loss: Tensor) -> None:
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+        def scaled(loss: Tensor) -> Tensor:
+            return scaler.scale(loss) if scaler is not None else loss
 
-        with ddp_no_sync(model, not sync):
-            with self._autocast():
+        if self.mode is None:
+            with ddp_no_sync(model, not sync), self._autocast():
                 img, txt, scale, bias = clip_features(model, images, texts)
                 main = self.logits(img, txt, scale, bias)
                 loss_main = self.contrastive(*main)
+            scaled(loss_main * loss_scale).backward()
+            lm = loss_main.detach()
+            return ClipStepOutput(lm, None, lm, main[0].detach())
+        wm, ws = self.main_weight * loss_scale, self.sub_weight * loss_scale
+        split = self.order == "memory" or self.text == "detached"
+        with ddp_no_sync(model):
+            with self._autocast():
+                img, txt, scale, bias = clip_features(model, images, texts)
+                # memory order: the text features become a leaf, so the main backward frees the
+                # image tower's graph and leaves the text tower's for the one backward at the end
+                leaf = split and self.text == "shared"
+                txt_main = txt.detach().requires_grad_() if leaf else txt
+                main = self.logits(img, txt_main, scale, bias)
+                loss_main = self.contrastive(*main)
             main_d = (main[0].detach(), main[1].detach())
-            if self.mode is None:
-                bw(loss_main * loss_scale)
-                return ClipStepOutput(loss_main.detach(), None, loss_main.detach(), main_d[0])
-            wm, ws = self.main_weight * loss_scale, self.sub_weight * loss_scale
-            if self.text == "shared":
-                with self._autocast(), masked_image_tower(model, self.ratio):
-                    img_s, _, scale_s, bias_s = clip_features(model, images, None)
-                    sub = self.logits(img_s, txt, scale_s, bias_s)
-                loss_sub = self.relaxed(sub, main_d)
-                bw(loss_main * wm + loss_sub * ws)
+            if split:
+                scaled(loss_main * wm).backward()
+                del img, main
+        with ddp_no_sync(model, not sync):
+            with self._autocast(), masked_image_tower(model, self.ratio):
+                img_s, _, scale_s, bias_s = clip_features(model, images, None)
+                sub = self.logits(img_s, txt.detach() if self.text == "detached" else txt, scale_s, bias_s)
+            loss_sub = self.relaxed(sub, main_d)
+            if not split:  # fused: one backward of the weighted sum
+                scaled(loss_main * wm + loss_sub * ws).backward()
+            elif self.text == "shared":  # one backward: sub-branch + text tower (both branches' gradient)
+                torch.autograd.backward([scaled(loss_sub * ws), txt], [None, txt_main.grad])
             else:
-                txt_d = txt.detach()
-                # memory order: free the main graph before the masked forward
-                with ddp_no_sync(model, sync):
-                    bw(loss_main * wm)
-                del img, txt, main
-                with self._autocast(), masked_image_tower(model, self.ratio):
-                    img_s, _, scale_s, bias_s = clip_features(model, images, None)
-                    sub = self.logits(img_s, txt_d, scale_s, bias_s)
-                loss_sub = self.relaxed(sub, main_d)
-                bw(loss_sub * ws)
+                scaled(loss_sub * ws).backward()
         lm, ls = loss_main.detach(), loss_sub.detach()
         return ClipStepOutput(lm, ls, lm * self.main_weight + ls * self.sub_weight, main_d[0])
 
@@ -196,5 +218,5 @@ def clamp_logit_scale(model: nn.Module, max_scale: float = 100.0) -> None:
         inner.logit_scale.clamp_(0, math.log(max_scale))
 
 
-__all__ = ["ClipMaskSub", "ClipStepOutput", "TEXT_MODES", "clamp_logit_scale", "clip_features",
+__all__ = ["ORDERS", "ClipMaskSub", "ClipStepOutput", "TEXT_MODES", "clamp_logit_scale", "clip_features",
            "masked_image_tower"]

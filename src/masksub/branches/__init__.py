@@ -27,12 +27,13 @@ from .drop import DropSub, PathSub
 from .mask_token import BeitMaskToken, MaskTokenFamily, SwinMaskToken
 from .pixel import PixelMask
 from .text import TextMask
-from .vit import ViTTokenRemoval
+from .vit import OpenClipTokenRemoval, ViTTokenRemoval
 
 # Detection tries the last registered first: the CNN pixel fallback last, a model with its own
 # mask_ratio argument first.
 for _cls in (PixelMask, ViTTokenRemoval, MaskTokenFamily, BeitMaskToken, SwinMaskToken, TextMask, CustomMask):
     register_family(_cls)
+register_family(OpenClipTokenRemoval)  # open_clip's vision tower, detected by its attributes
 
 __all__ = [
     "MODES", "Family", "DropSub", "PathSub", "build_branch", "detect_family", "family_names",

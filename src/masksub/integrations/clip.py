@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,49 +28,43 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..branches import resolve_ratio, sub_branch, unwrap
-from ..branches.vit import TokenRemoval
+from ..branches import resolve_ratio, unwrap
+from ..branches.vit import OpenClipTokenRemoval, ViTTokenRemoval
 from ..errors import MaskSubError
 from ..loss import relaxed_loss
 from ..step import ddp_no_sync, model_autocast
 
 TEXT_MODES = ("shared", "detached")
 ORDERS = ("fused", "memory")
-_REMOVALS: weakref.WeakKeyDictionary[nn.Module, TokenRemoval] = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
 def masked_image_tower(model: nn.Module, ratio: float = 0.5) -> Iterator[nn.Module]:
     """Inside, the model's vision tower keeps the class token and ``1 - ratio`` of the patches.
 
-    open_clip ``VisionTransformer``: its ``patch_dropout`` slot (applied right after the
-    position embedding, active in train mode only) holds a ``TokenRemoval``. A timm vision
-    tower (``TimmModel``) goes through the core's "vit" family on its ``trunk``.
+    Both kinds of tower go through a core family: open_clip's ``VisionTransformer`` through
+    "open_clip_vit" (its ``patch_dropout`` slot), a timm tower (``TimmModel``) through "vit" on
+    its ``trunk`` (timm's ``patch_drop``).
     """
     visual = getattr(unwrap(model), "visual", None)
     if visual is None:
         raise MaskSubError(f"{type(unwrap(model)).__name__} has no .visual tower; pass an open_clip CLIP model")
-    if hasattr(visual, "patch_dropout") and hasattr(visual, "positional_embedding"):
-        old = visual.patch_dropout
-        prefix = 0 if getattr(visual, "class_embedding", None) is None else 1
-        removal = _REMOVALS.get(visual)
-        if removal is None:  # one module per tower: a compiled graph sees the same one each step
-            removal = _REMOVALS[visual] = TokenRemoval(ratio, prefix)
-        removal.ratio, removal.num_prefix_tokens = ratio, prefix
-        visual.patch_dropout = removal
-        try:
-            yield model
-        finally:
-            visual.patch_dropout = old
-    elif hasattr(getattr(visual, "trunk", None), "patch_drop"):
-        with sub_branch(visual.trunk, "mask", ratio, family="vit"):
-            yield model
+    if OpenClipTokenRemoval.matches(visual):
+        tower, family = visual, _OPEN_CLIP
+    elif ViTTokenRemoval.matches(getattr(visual, "trunk", None)):
+        tower, family = visual.trunk, _TIMM
     else:
         raise MaskSubError(
             f"cannot remove image tokens in {type(visual).__name__}: masksub supports open_clip's "
             "VisionTransformer (patch_dropout slot) and timm ViT towers (trunk.patch_drop); ModifiedResNet "
             "towers have no tokens to drop"
         )
+    with family.apply(tower, ratio):
+        yield model
+
+
+# One family object per kind: each keeps one removal module per tower (compiled graphs see the same one).
+_OPEN_CLIP, _TIMM = OpenClipTokenRemoval(), ViTTokenRemoval()
 
 
 @dataclass

@@ -156,3 +156,15 @@ def test_clip_cli_under_torchrun_two_processes(tmp_path, cfg):
     logs = [json.loads(line) for line in (tmp_path / "o" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == [1, 2]  # 8 pairs / 2 ranks / (2 x 2 accumulated): one step an epoch
     assert all(r["world_size"] == 2 and r["loss_sub"] > 0 for r in logs)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_clip_cli_mixed_precision(tmp_path, cfg, precision):
+    data = folder(tmp_path)
+    rc = main(["clip", "--data", str(data), "--model", cfg, "--batch-size", "4", "--device", "cpu", "--max-steps", "1",
+               "--precision", precision, "--out", str(tmp_path / "o")])
+    assert rc == 0
+    rec = json.loads((tmp_path / "o" / "log.jsonl").read_text().splitlines()[-1])
+    assert rec["step"] == 1 and rec["loss_sub"] > 0
+    ck = torch.load(tmp_path / "o" / "checkpoint.pt", weights_only=True)
+    assert ("scaler" in ck) == (precision == "fp16")

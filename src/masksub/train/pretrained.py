@@ -50,8 +50,10 @@ class LoadReport:
 
 def read(path: str) -> dict[str, Tensor]:
     p = Path(path).expanduser()
+    if p.is_dir():  # a masksub run directory: its last checkpoint (the DeiT-III 224 stage starts so)
+        p = p / "last.pt"
     if not p.is_file():
-        raise MaskSubError(f"pretrained_file {path} does not exist")
+        raise MaskSubError(f"pretrained_file {p} does not exist (give a checkpoint file or a masksub run directory)")
     try:
         sd = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file

@@ -19,6 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", help="recipe name (see --list) or a YAML file")
     p.add_argument("--list", action="store_true", help="list the recipes and exit")
     p.add_argument("--list-keys", action="store_true", help="list every config key with its default")
+    p.add_argument("--show", action="store_true",
+                   help="print the resolved recipe beside its published values and sources, then exit")
     for flag, typ in FLAGS.items():
         p.add_argument(f"--{flag.replace('_', '-')}", dest=f"o_{flag}", type=typ, default=None,
                        metavar=flag.upper(), help=f"override {flag}")
@@ -43,6 +45,12 @@ def overrides(args: argparse.Namespace) -> dict:
     return out
 
 
+def yaml_dump(cfg: object) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def main(args: argparse.Namespace) -> int:
     from . import config as C
 
@@ -65,7 +73,12 @@ def main(args: argparse.Namespace) -> int:
     else:
         if not args.recipe:
             raise MaskSubError("give --recipe NAME (see `masksub train --list`) or --resume RUN_DIR")
-        cfg = C.load(args.recipe, ov)
+        cfg = C.load(args.recipe, ov, check_paths=not args.show)
+    if args.show:
+        from .show import render
+
+        print(render(cfg, args.recipe) if args.recipe else yaml_dump(cfg))
+        return 0
     from .engine import TrainingStopped, train
 
     try:

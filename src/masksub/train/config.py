@@ -251,8 +251,9 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def load(recipe: str | None, overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults <- recipe YAML <- overrides (already parsed); then validated."""
+def load(recipe: str | None, overrides: dict[str, Any] | None = None, *, check_paths: bool = True) -> Config:
+    """Defaults <- recipe YAML <- overrides (already parsed); then validated (``check_paths``:
+    the data path must exist too)."""
     cfg = Config()
     if recipe:
         path = find_recipe(recipe)
@@ -270,7 +271,7 @@ def load(recipe: str | None, overrides: dict[str, Any] | None = None) -> Config:
             merged.update(v)
             v = merged
         apply(cfg, {k: v}, "the command line")
-    validate(cfg)
+    validate(cfg, check_paths=check_paths)
     return cfg
 
 
@@ -281,7 +282,7 @@ def from_dict(values: dict[str, Any]) -> Config:
     return cfg
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Config, *, check_paths: bool = True) -> None:
     """Every check that needs no model or data: ranges, choices, combinations."""
     def choice(key: str, options: tuple[str, ...]) -> None:
         v = getattr(cfg, key)
@@ -340,7 +341,7 @@ def validate(cfg: Config) -> None:
         raise MaskSubError("analysis gradient norms need order=memory")
     if cfg.analysis and cfg.order == "fused" and cfg.sub != "none":
         raise MaskSubError("analysis: true measures per-branch gradient norms; it needs order=memory")
-    if cfg.data not in ("synthetic", "fashion-mnist") and not cfg.data.startswith(("hfds/", "hfids/", "wds/", "tfds/")):
+    if check_paths and cfg.data not in ("synthetic", "fashion-mnist") and not cfg.data.startswith(("hfds/", "hfids/", "wds/", "tfds/")):
         if not Path(cfg.data).expanduser().exists():
             raise MaskSubError(
                 f"data path {cfg.data} does not exist; give an ImageFolder root (with train/ and "

@@ -39,6 +39,7 @@ DEIT_COMMON = {  # every DeiT-III stage-1 command
     "opt_eps": (1e-8, DEIT_MAIN),
     "batch_total": (2048, DEIT_SRC), "lr_scale": ("none", f"{DEIT_SRC} --unscale-lr"),
     "sched": ("cosine", DEIT_MAIN), "sched_step": ("epoch", f"{AUGSUB} deit/main.py lr_scheduler.step(epoch)"),
+    "sched_epoch_lag": (1, f"{AUGSUB} deit/main.py: step(epoch) after epoch e"),
     "warmup_epochs": (5, DEIT_MAIN), "warmup_lr": (1e-6, DEIT_MAIN), "min_lr": (1e-5, DEIT_MAIN),
     "drop_path_uniform": (True, f"{AUGSUB} deit/models_v2.py dpr = [drop_path_rate ...]"),
     "model_kwargs": ({"init_values": 1e-4}, f"{AUGSUB} deit/models_v2.py init_values=1e-4"),
@@ -71,7 +72,8 @@ for s, (bs, dp) in DEIT_FT.items():
         "lr_scale": ("none", f"{ft} --unscale-lr"), "weight_decay": (0.1, ft), "label_smoothing": (0.1, ft),
         "mixup": (0.8, ft), "cutmix": (1.0, ft), "auto_augment": ("rand-m9-mstd0.5-inc1", ft), "aug": ("timm", ft),
         "reprob": (0.0, ft), "repeated_aug": (0, f"{ft} --no-repeated-aug"), "bce": (False, ft),
-        "crop_pct": (1.0, ft), "sched_step": ("epoch", DEIT_MAIN), "warmup_epochs": (5, DEIT_MAIN),
+        "crop_pct": (1.0, ft), "sched_step": ("epoch", DEIT_MAIN), "sched_epoch_lag": (1, DEIT_MAIN),
+        "warmup_epochs": (5, DEIT_MAIN),
         "warmup_lr": (1e-6, DEIT_MAIN), "min_lr": (1e-5, DEIT_MAIN), "sub": ("mask", ft), "ratio": (0.5, ft),
     }
 MAE = f"{AUGSUB} mae/README.md"
@@ -129,7 +131,7 @@ for m in ("resnet50", "resnet101", "resnet152"):
         "model": (m, RSB), "epochs": (300, RSB), "batch_size": (256, RSB), "batch_total": (2048, RSB),
         "opt": ("lamb", RSB), "opt_eps": (None, RSB_MAIN), "lr": (5e-3, RSB), "weight_decay": (0.02, RSB),
         "warmup_epochs": (5, RSB), "warmup_lr": (1e-4, RSB_MAIN), "min_lr": (1e-6, RSB_MAIN),
-        "sched_step": ("epoch", RSB_MAIN), "drop_path": (0.05, RSB), "label_smoothing": (0.0, RSB),
+        "sched_step": ("epoch", RSB_MAIN), "sched_epoch_lag": (0, f"{RSB_MAIN} step(epoch + 1)"), "drop_path": (0.05, RSB), "label_smoothing": (0.0, RSB),
         "mixup": (0.1, RSB), "cutmix": (1.0, RSB), "auto_augment": ("rand-m7-mstd0.5", RSB),
         "repeated_aug": (3, f"{RSB} --aug-repeats 3"), "reprob": (0.0, RSB), "color_jitter": (0.0, RSB),
         "crop_pct": (0.95, RSB), "bce": (True, RSB), "bce_target_thresh": (None, RSB_MAIN),
@@ -319,3 +321,31 @@ def test_recipe_builds_and_steps(name: str, tmp_path: Path) -> None:
     changed = sum(not torch.equal(a, p) for a, p in zip(before, t.model_raw.parameters(), strict=True))
     assert changed > 0
     t.log.close()
+
+
+def test_lr_per_epoch_as_deit_steps_it(tmp_path: Path) -> None:
+    """DeiT-III: the lr is constant within an epoch, and epoch e trains at lr(e - 1) (main.py calls
+    ``lr_scheduler.step(epoch)`` after epoch e), with timm's cosine + warm-up values."""
+    import json
+
+    from timm.scheduler import CosineLRScheduler
+
+    from masksub.cli import main
+
+    assert main(["train", "--recipe", "deit3-vit-s-400", "--data", "synthetic", "--set", "synthetic_size=8",
+                 "--set", "synthetic_val_size=2", "--batch-size", "4", "--epochs", "4", "--set", "warmup_epochs=2",
+                 "--set", "img_size=32", "--set", "model_kwargs.depth=1", "--set", "model_kwargs.embed_dim=32",
+                 "--set", "model_kwargs.num_heads=2", "--set", "repeated_aug=0", "--set", "log_every=1",
+                 "--amp", "none", "--no-progress", "--set", "tensorboard=false", "--output", str(tmp_path),
+                 "--run-name", "lr"]) == 0
+    steps = [json.loads(s) for s in (tmp_path / "lr" / "metrics.jsonl").read_text().splitlines()]
+    per_epoch: dict[int, set] = {}
+    for r in steps:
+        if r["kind"] == "step":
+            per_epoch.setdefault(r["epoch"], set()).add(r["lr"])
+    assert all(len(v) == 1 for v in per_epoch.values()) and len(per_epoch) == 4
+    sched = CosineLRScheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=4e-3), t_initial=4,
+                              lr_min=1e-5, warmup_t=2, warmup_lr_init=1e-6)
+    want = [sched._get_lr(max(e - 1, 0))[0] for e in range(4)]
+    assert [per_epoch[e].pop() for e in range(4)] == pytest.approx(want)
+    assert want[0] == want[1] != want[2]

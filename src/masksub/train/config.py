@@ -99,6 +99,7 @@ class Config:
     warmup_lr: float = 1e-6
     warmup_prefix: bool = False  # warm-up, then the whole cosine over the remaining epochs (MAE/BEiT)
     sched_step: str = "update"  # "epoch": the lr changes once per epoch (DeiT-III, RSB)
+    sched_epoch_lag: int = 0  # epoch e runs at the lr of e - lag (DeiT's main.py steps after each epoch: 1)
     batch_total: int = 0  # the global batch the recipe's lr is for (0: not stated)
     lr_scale: str = "none"  # how lr follows a different global batch: linear (MAE, Swin) or none
     min_lr: float = 1e-6
@@ -299,6 +300,9 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     choice("lr_scale", LR_SCALES)
     if cfg.repeated_aug < 0 or cfg.repeated_aug == 1:
         raise MaskSubError(f"repeated_aug is the number of repeats (0 = off, e.g. 3), got {cfg.repeated_aug}")
+    if cfg.sched_epoch_lag < 0 or (cfg.sched_epoch_lag and cfg.sched_step != "epoch"):
+        raise MaskSubError("sched_epoch_lag needs sched_step: epoch and must be >= 0, got "
+                           f"{cfg.sched_epoch_lag}")
     if cfg.batch_total < 0:
         raise MaskSubError(f"batch_total must be >= 0, got {cfg.batch_total}")
     if not 0.0 <= cfg.pretrained_min_loaded <= 1.0:

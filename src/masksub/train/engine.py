@@ -373,7 +373,7 @@ class Trainer:
             ep_t0 = time.perf_counter()
             self.ms.model.train()
             if cfg.sched_step == "epoch":  # DeiT-III / RSB: the lr changes at epoch starts only
-                self.scheduler.step(self.epoch)
+                self.scheduler.step(max(self.epoch - cfg.sched_epoch_lag, 0))
             self._it = self.train_data.iterate(self.epoch, self.step_in_epoch * cfg.accum_steps)
             bar = progress(upe, f"epoch {self.epoch + 1}/{cfg.epochs}", enabled=main and cfg.progress,
                            initial=self.step_in_epoch)

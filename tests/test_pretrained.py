@@ -151,3 +151,8 @@ def test_deit3_two_stage(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert s1["pos_embed"].shape[1] == 9 and start.pos_embed.shape[1] == 16  # 3x3 -> 4x4, patch tokens only
     summary = json.loads((tmp_path / "ft" / "summary.json").read_text())
     assert summary["epochs_done"] == 1 and summary["top1"] is not None and summary["ratio"] == 0.5
+    # resume and eval need only the run's own checkpoint, not the stage-1 file any more
+    (tmp_path / "stage1" / "last.pt").rename(tmp_path / "moved.pt")
+    assert main(["train", "--resume", str(tmp_path / "ft"), "--epochs", "2"]) == 0
+    assert checkpoint.load(tmp_path / "ft")["epoch"] == 2
+    assert main(["eval", "--checkpoint", str(tmp_path / "ft" / "last.pt"), "--data", "synthetic"]) == 0

@@ -27,8 +27,9 @@ def check_model_name(name: str) -> None:
     raise MaskSubError(f"timm does not know the model {name!r}{hint} (see timm.list_models())")
 
 
-def build_model(cfg: Config) -> nn.Module:
-    """``timm.create_model(cfg.model, pretrained=False, ...)``; weights only from a local file."""
+def build_model(cfg: Config, *, pretrained: bool = True) -> nn.Module:
+    """``timm.create_model(cfg.model, pretrained=False, ...)``; weights only from a local file
+    (``pretrained=False``: not even that, for a resume or an eval whose checkpoint has them all)."""
     import timm
 
     check_model_name(cfg.model)
@@ -46,7 +47,7 @@ def build_model(cfg: Config) -> nn.Module:
             raise MaskSubError(f"model {cfg.model}: {e2}; check model_kwargs") from None
     if cfg.drop_path_uniform:
         uniform_drop_path(model, cfg.drop_path)
-    if cfg.pretrained_file:
+    if cfg.pretrained_file and pretrained:
         from .pretrained import load_pretrained, uses_mask_token
 
         load_pretrained(model, cfg.pretrained_file, model_name=cfg.model, exclude=cfg.pretrained_exclude,

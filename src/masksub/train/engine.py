@@ -70,7 +70,7 @@ class Trainer:
         np.random.seed(cfg.seed + self.dist.rank)
 
         resume_ckpt = ckpt_mod.load(resume) if resume else None
-        model = build_model(cfg).to(self.device)
+        model = build_model(cfg, pretrained=resume_ckpt is None).to(self.device)  # a resume has its weights
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model_raw = model

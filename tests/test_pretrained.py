@@ -111,6 +111,33 @@ def test_beitv2_mask_token_becomes_the_sub_branch_token(tmp_path: Path) -> None:
     base.log.close()
 
 
+def test_deit3_authors_layout(tmp_path: Path) -> None:
+    """augsub / DeiT ``models_v2.py`` checkpoints name LayerScale ``gamma_1``/``gamma_2`` (timm: ls1.gamma)."""
+    name = "deit3_base_patch16_224"
+    src = timm.create_model(name, **TINY)
+    sd = {k.replace("ls1.gamma", "gamma_1").replace("ls2.gamma", "gamma_2"): v for k, v in src.state_dict().items()}
+    assert "blocks.0.gamma_1" in sd
+    torch.save({"model": sd}, tmp_path / "deit3.pth")
+    dst = timm.create_model(name, **TINY)
+    rep = load_pretrained(dst, str(tmp_path / "deit3.pth"), model_name=name, verbose=False)
+    assert not rep.missing and not rep.unexpected and rep.fraction == 1.0
+    assert torch.equal(dst.blocks[1].ls2.gamma, src.blocks[1].ls2.gamma)
+
+
+def test_beit_shared_rel_pos_table_goes_to_every_block(tmp_path: Path) -> None:
+    """BEiT v2 pretraining checkpoints share one relative-position table (beit2 run_class_finetuning.py)."""
+    name = "beitv2_base_patch16_224"
+    src = timm.create_model(name, **TINY)
+    sd = {k: v for k, v in src.state_dict().items() if "relative_position_bias_table" not in k}
+    table = torch.randn_like(src.blocks[0].attn.relative_position_bias_table)
+    torch.save({"model": sd | {"rel_pos_bias.relative_position_bias_table": table}}, tmp_path / "pt.pth")
+    dst = timm.create_model(name, **TINY)
+    rep = load_pretrained(dst, str(tmp_path / "pt.pth"), model_name=name, verbose=False)
+    assert "shared relative-position table" in rep.layout and not rep.missing and not rep.unexpected
+    for b in dst.blocks:
+        assert torch.equal(b.attn.relative_position_bias_table, table)
+
+
 def test_lr_follows_the_global_batch(capsys: pytest.CaptureFixture) -> None:
     mae = C.load("mae-ft-vit-b", {"data": "synthetic"})
     assert effective_lr(mae, world=8)[:3] == (mae.lr, mae.warmup_lr, mae.min_lr)  # 128 x 8 = 1024

@@ -79,6 +79,21 @@ def _unwrap(sd: dict[str, Any]) -> tuple[dict[str, Tensor], list[str]]:
     return sd, how
 
 
+def _expand_shared_rel_pos(sd: dict[str, Tensor], model: nn.Module) -> list[str]:
+    """BEiT pretraining shares one relative-position table; fine-tuning gives each block a copy
+    (unilm ``beit2/run_class_finetuning.py``: "Expand the shared relative position embedding")."""
+    shared = "rel_pos_bias.relative_position_bias_table"
+    if shared not in sd or getattr(model, "rel_pos_bias", None) is not None:
+        return []
+    blocks = getattr(model, "blocks", [])
+    if not blocks or not hasattr(getattr(blocks[0], "attn", None), "relative_position_bias_table"):
+        return []
+    table = sd.pop(shared)
+    for i in range(len(blocks)):
+        sd[f"blocks.{i}.attn.relative_position_bias_table"] = table.clone()
+    return ["shared relative-position table copied to every block"]
+
+
 def timm_filter(model_name: str, model: nn.Module, sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], str]:
     """The model's own timm ``checkpoint_filter_fn`` (module of its entrypoint), if it has one."""
     try:
@@ -116,6 +131,7 @@ def load_pretrained(model: nn.Module, path: str, *, model_name: str = "", exclud
     """Load ``path`` into ``model`` (non-strict), report it, and refuse a start that is mostly random."""
     raw, how = _unwrap(read(path))
     token = raw.pop("mask_token", None)
+    how += _expand_shared_rel_pos(raw, model)
     sd, filt = timm_filter(model_name, model, raw) if model_name else (raw, "")
     if filt:
         how.append(filt)

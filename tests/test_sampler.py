@@ -103,3 +103,27 @@ def test_torchrun_each_rank_its_share(tmp_path: Path) -> None:
     recs = [json.loads(s) for s in (tmp_path / "ra" / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in recs if r["kind"] == "epoch"]
     assert len(epochs) == 2 and all(e["train_steps"] == 6 for e in epochs)  # 3 steps x 2 ranks
+
+
+def test_image_folder_copies_get_their_own_3augment(tmp_path: Path) -> None:
+    """The timm/DataLoader path: on one process the 3 copies of an image are neighbours, each
+    with its own 3-Augment draw (DeiT-III's recipe, real transforms on real files)."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "validation"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(4):
+                arr = torch.randint(0, 255, (40, 48, 3), generator=g, dtype=torch.uint8).numpy()
+                Image.fromarray(arr).save(tmp_path / split / c / f"{i}.png")
+    cfg = C.load("deit3-vit-s-400", {"data": str(tmp_path), "num_classes": 2, "img_size": 32, "batch_size": 6,
+                                     "workers": 0, "output": str(tmp_path / "runs")})
+    assert cfg.repeated_aug == 3 and cfg.aug == "3aug"
+    train, _ = build_data(cfg, device=torch.device("cpu"))
+    assert train.num_batches(0) == 1  # 8 images -> 8 samples per epoch (n < 256: ceil(n / world))
+    x, y = next(iter(train.iterate(0, 0)))
+    order = repeated_order(8, cfg.seed, 0, 3, 0, 1)
+    assert order[:3].unique().numel() == 1 and order[3:6].unique().numel() == 1
+    assert y[0] == y[1] == y[2] and y[3] == y[4] == y[5]
+    assert not torch.equal(x[0], x[1]) and not torch.equal(x[1], x[2])  # same image, own augmentations

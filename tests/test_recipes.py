@@ -104,6 +104,8 @@ for s, model, ep, lr, ld, bs, acc, wu in (("b", "beitv2_base_patch16_224", 100, 
         "lr_scale": ("none", BEIT_MAIN), "warmup_epochs": (wu, BEIT), "weight_decay": (0.05, BEIT),
         "mixup": (0.8, BEIT), "cutmix": (1.0, BEIT), "label_smoothing": (0.1, BEIT_MAIN), "reprob": (0.25, BEIT_MAIN),
         "opt_eps": (1e-8, BEIT_MAIN), "min_lr": (1e-6, BEIT_MAIN), "head_init_scale": (0.001, BEIT_MAIN),
+        "crop_pct": (0.875, "microsoft/unilm beit2/datasets.py"),
+        "mean": ([0.485, 0.456, 0.406], f"{BEIT} --imagenet_default_mean_and_std"),
         "warmup_lr": (0.0, "beit2/utils.py cosine_scheduler start_warmup_value=0"), "warmup_prefix": (True, BEIT_MAIN),
         "family": ("beit", "MaskSub paper: BEiT's own mask token"), "family_options": ({"block": True}, BEIT),
     }

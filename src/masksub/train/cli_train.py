@@ -45,12 +45,6 @@ def overrides(args: argparse.Namespace) -> dict:
     return out
 
 
-def yaml_dump(cfg: object) -> str:
-    import yaml
-
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-
-
 def main(args: argparse.Namespace) -> int:
     from . import config as C
 
@@ -77,7 +71,7 @@ def main(args: argparse.Namespace) -> int:
     if args.show:
         from .show import render
 
-        print(render(cfg, args.recipe) if args.recipe else yaml_dump(cfg))
+        print(render(cfg, args.recipe))
         return 0
     from .engine import TrainingStopped, train
 

@@ -38,8 +38,12 @@ def _fmt(v: Any) -> str:
     return "null" if v is None else (yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip())
 
 
-def render(cfg: C.Config, recipe: str, world: int | None = None) -> str:
+def render(cfg: C.Config, recipe: str | None, world: int | None = None) -> str:
+    """The table ``--show`` prints (no recipe, e.g. with ``--resume``: the config as YAML)."""
     from .build import effective_lr
+
+    if not recipe:
+        return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
     world = world or int(os.environ.get("WORLD_SIZE", "1") or 1)
     lines = recipe_lines(recipe)

@@ -42,7 +42,7 @@ def evaluate_checkpoint(path: str, *, data: str | None = None, ema: bool = False
 
     check_device(cfg.device)
     dev = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = build_model(cfg)
+    model = build_model(cfg, pretrained=False)  # the checkpoint has every weight
     sd = ck["model"]
     if ema:
         if not ck.get("ema"):

@@ -324,3 +324,24 @@ def test_cpu_rehearsal_runs_the_stages_and_checks_every_goal(tmp_path: Path, mon
                                                         "summary.md"]
     md = (out / "summary.md").read_text()
     assert "CPU REHEARSAL" in md and "--stages bench-vit_s,bench-vit_l" in md
+
+
+def test_summary_of_a_cut_call(tmp_path: Path) -> None:
+    """A bench process stopped mid-write and compare runs stopped early still give a summary: the
+    partial run is listed as incomplete and is no evidence for the goals."""
+    plan = ev.make_plan()
+    (tmp_path / "bench-vit_b").mkdir()
+    (tmp_path / "bench-vit_b" / "2026-01-01_H100.json").write_text('{"meta": {}, "rows": [{"mod')
+    (tmp_path / "bench-vit_b" / "_stage.json").write_text(json.dumps({"stage": "bench-vit_b", "status": "cut"}))
+    for setting, n in (("baseline", 2), ("masksub", 0)):
+        run = tmp_path / "compare-core" / f"{setting}-seed0" / f"{setting}-seed0"
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text("epochs: 30\nseed: 0\n")
+        lines = [json.dumps(dict(kind="epoch", epoch=i + 1, top1=80.0 + i, time_s=3.0)) for i in range(n)]
+        (run / "metrics.jsonl").write_text("\n".join(lines + ['{"kind": "ep']) + "\n")
+    summary = ev.build_summary(tmp_path, plan, rehearsal=False)
+    assert summary["bench"] == []
+    assert summary["stages"][0]["status"] == "cut" and "bench-vit_b" in summary["left"]
+    assert [(r["setting"], r["epochs"], r["complete"]) for r in summary["compare"]] == [("baseline", 2, False)]
+    assert all(g["status"] == "not measured" for g in summary["accuracy_goals"])
+    assert "| baseline | 0 | 2 | 81.00 |" in ev.summary_markdown(summary)

@@ -462,12 +462,21 @@ class Evidence:
         return self.finish()
 
     def finish(self) -> dict[str, Any]:
-        """Summary from what is on disk, written next to the results and exported."""
+        """Summary from what is on disk, written next to the results and exported. A failure
+        here is logged, never fatal: the next stages and the archive matter more."""
         self.meta.update(elapsed_s=round(self.guard.elapsed(), 1))
-        summary = build_summary(self.out, self.plan, rehearsal=self.rehearsal, skipped=self.skipped, meta=self.meta)
-        write_summary(self.out, summary)
+        summary: dict[str, Any] = {"meta": dict(self.meta)}
+        try:
+            summary = build_summary(self.out, self.plan, rehearsal=self.rehearsal, skipped=self.skipped,
+                                    meta=self.meta)
+            write_summary(self.out, summary)
+        except Exception as e:  # noqa: BLE001 - keep measuring; the error is in the log and the archive
+            self.log(f"summary failed: {type(e).__name__}: {e}")
         if self.export is not None:
-            export(self.out, self.export)
+            try:
+                export(self.out, self.export)
+            except OSError as e:
+                self.log(f"export to {self.export} failed: {e}")
         return summary
 
 
@@ -518,7 +527,10 @@ def read_bench_rows(out: Path, plan: list[Stage]) -> list[dict[str, Any]]:
         for f in sorted((out / stage.name).glob("*.json")):
             if f.name.startswith("_"):
                 continue
-            data = json.loads(f.read_text())
+            try:
+                data = json.loads(f.read_text())
+            except (OSError, json.JSONDecodeError):  # a process stopped while writing it
+                continue
             for r in data.get("rows", []):
                 rows.append({**r, "goal_model": stage.goal_model, "stage": stage.name,
                              "device": data.get("meta", {}).get("device")})
@@ -619,6 +631,7 @@ def merge_compare(out: Path, runs: list[dict[str, Any]]) -> list[dict[str, Any]]
     from ..compare.plot import plot_runs
     from ..compare.table import rows_from_runs, write_tables
 
+    runs = [r for r in runs if r["epochs_done"]]  # a run stopped before its first epoch has nothing to show
     if not runs:
         return []
     order = {s: i for i, s in enumerate(("baseline", "masking", "masksub", "samebudget"))}
@@ -855,7 +868,8 @@ def _main(args: argparse.Namespace) -> int:
         summary = ev.run()
     finally:
         logf.close()
-    print(summary_markdown(summary))
+    if "stages" in summary:
+        print(summary_markdown(summary))
     statuses = summary["meta"].get("statuses", {})
     return 1 if any(v in ("failed", "cut") for v in statuses.values()) else 0
 

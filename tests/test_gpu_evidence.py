@@ -279,32 +279,43 @@ def test_the_script_refuses_without_cuda(tmp_path: Path) -> None:
 
 
 # -- the CPU rehearsal ---------------------------------------------------------------------------------------
-@pytest.mark.slow
-@pytest.mark.skipif(not _have_fmnist(), reason="dataset-fashion-mnist not installed")
-def test_cpu_rehearsal_runs_the_stages_and_checks_every_goal(tmp_path: Path, monkeypatch) -> None:
-    """The GPU call's stages on tiny stand-ins, in this process (a fresh interpreter per stage
-    costs more than the work here). bench-vit_s and bench-vit_l run the same tiny ViT with the
-    same rows as bench-vit_b; their commands are checked above."""
+# The GPU call's stages on tiny stand-ins, in this process (a fresh interpreter per stage costs more
+# than the work here), in two tests of under a minute of CPU each: eager bench + compare, and the
+# compiled bench. bench-vit_s and bench-vit_l run the same tiny ViT with the same rows as
+# bench-vit_b; their commands are checked above.
+EAGER_AND_COMPARE = ["bench-vit_b", "bench-resnet50", "bench-swin_t", "compare-core", "compare-masking",
+                     "compare-samebudget"]
+COMPILED = ["bench-vit_b-compiled", "bench-vit_b-compiled-2"]
+
+
+def _rehearse(tmp_path: Path, monkeypatch, stages: list[str]) -> tuple[Path, Path, dict]:
     out, export = tmp_path / "gpu", tmp_path / "OUT"
     monkeypatch.setenv("OUT", str(export))
-    stages = [s.name for s in ev.make_plan(True) if s.name not in ("bench-vit_s", "bench-vit_l")]
     assert ev.main(["--rehearsal", "--in-process", "--out", str(out), "--stages", ",".join(stages)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     status = {s["stage"]: s["status"] for s in summary["stages"]}
     assert all(status[s] == "done" for s in stages), status
-    assert status["bench-vit_s"] == status["bench-vit_l"] == "not run"
-    assert summary["left"] == ["bench-vit_s", "bench-vit_l"] and summary["meta"]["rehearsal"] is True
+    assert all(status[s] == "not run" for s in status if s not in stages)
+    assert summary["left"] == [s["stage"] for s in summary["stages"] if s["stage"] not in stages]
+    assert summary["meta"]["rehearsal"] is True and "CPU REHEARSAL" in (out / "summary.md").read_text()
+    assert not list(out.rglob("*.pt"))
+    assert sorted(p.name for p in export.iterdir()) == ["evidence.log", "gpu-evidence.tar.gz", "summary.json",
+                                                        "summary.md"]
+    return out, export, summary
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _have_fmnist(), reason="dataset-fashion-mnist not installed")
+def test_cpu_rehearsal_eager_bench_and_compare(tmp_path: Path, monkeypatch) -> None:
+    out, _export, summary = _rehearse(tmp_path, monkeypatch, EAGER_AND_COMPARE)
     rows = summary["bench"]
-    eager_b = [r["label"] for r in rows if r["goal_model"] == "vit_b" and not r["compile"]]
+    eager_b = [r["label"] for r in rows if r["goal_model"] == "vit_b"]
     assert len(eager_b) == 8 and "masksub mask fused" in eager_b
-    compiled = {r["label"]: r for r in rows if r["compile"]}
-    assert set(compiled) == {"standard", "masksub mask memory", "paper mask two-backward", "masksub mask fused"}
-    assert all(r["time_ratio"] > 0 for r in compiled.values())  # the second compiled stage's too
-    assert compiled["paper mask two-backward"]["ratio_to"] == "bench-vit_b-compiled"
-    assert all(not r["graphs_in_timed_steps"] for r in compiled.values())
+    assert {r["goal_model"] for r in rows} == {"vit_b", "resnet50", "swin_t"}
     goals = {(g["model"], g["goal"]): g["status"] for g in summary["bench_goals"]}
     for model in ("vit_b", "resnet50", "swin_t"):
         assert goals[(model, "masksub memory / standard (time)")] in ("met", "NOT met")
+        assert goals[(model, "sub-branch off / plain loop (time)")] in ("met", "NOT met")
         assert goals[(model, "masksub memory / standard (memory)")] == "not measured"  # no CUDA peak
     assert goals[("vit_s", "masksub memory / standard (time)")] == "not measured"
     acc = summary["accuracy_goals"]
@@ -315,15 +326,27 @@ def test_cpu_rehearsal_runs_the_stages_and_checks_every_goal(tmp_path: Path, mon
     assert all(r["complete"] for r in table)
     cost = sum(r["time_s"] for r in table if r["setting"] == "masksub") / sum(
         r["time_s"] for r in table if r["setting"] == "baseline")
-    for r in table:
+    for r in table:  # the same-budget row: ceil(epochs x MaskSub's measured cost)
         assert r["epochs"] == (max(1, math.ceil(cost - 1e-9)) if r["setting"] == "samebudget" else 1)
     for png in ("accuracy.png", "train_loss_unmasked.png", "train_loss_masked.png", "grad_norm.png"):
         assert (out / "compare" / png).read_bytes()[:4] == b"\x89PNG"
-    assert not list(out.rglob("*.pt"))
-    assert sorted(p.name for p in export.iterdir()) == ["evidence.log", "gpu-evidence.tar.gz", "summary.json",
-                                                        "summary.md"]
-    md = (out / "summary.md").read_text()
-    assert "CPU REHEARSAL" in md and "--stages bench-vit_s,bench-vit_l" in md
+    assert "--stages bench-vit_s,bench-vit_l," in (out / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_cpu_rehearsal_compiled_bench(tmp_path: Path, monkeypatch) -> None:
+    _out, export, summary = _rehearse(tmp_path, monkeypatch, COMPILED)
+    compiled = {r["label"]: r for r in summary["bench"]}
+    assert set(compiled) == {"standard", "masksub mask memory", "paper mask two-backward", "masksub mask fused"}
+    assert all(r["compile"] and r["goal_model"] == "vit_b" for r in compiled.values())
+    assert all(r["time_ratio"] > 0 for r in compiled.values())  # the second compiled stage's too
+    assert compiled["paper mask two-backward"]["ratio_to"] == "bench-vit_b-compiled"
+    assert all(not r["graphs_in_timed_steps"] for r in compiled.values())  # the warm-up absorbs tracing
+    assert compiled["masksub mask memory"]["compiled_sub_differs"] is True
+    assert compiled["paper mask two-backward"]["compiled_sub_differs"] is True
+    assert all(g["status"] == "not measured" for g in summary["bench_goals"])  # goals are eager rows
+    with tarfile.open(export / "gpu-evidence.tar.gz") as tar:
+        assert any(n.endswith("bench-vit_b-compiled-2/_stage.json") for n in tar.getnames())
 
 
 def test_summary_of_a_cut_call(tmp_path: Path) -> None:
@@ -345,3 +368,17 @@ def test_summary_of_a_cut_call(tmp_path: Path) -> None:
     assert [(r["setting"], r["epochs"], r["complete"]) for r in summary["compare"]] == [("baseline", 2, False)]
     assert all(g["status"] == "not measured" for g in summary["accuracy_goals"])
     assert "| baseline | 0 | 2 | 81.00 |" in ev.summary_markdown(summary)
+
+
+def test_stage_data_copies_the_files_the_call_finds(tmp_path: Path, monkeypatch) -> None:
+    src = tmp_path / "debian"
+    src.mkdir()
+    for f in ev.FMNIST_FILES:
+        (src / f).write_bytes(b"idx")
+    monkeypatch.setattr(ev, "FMNIST_DEBIAN", src)
+    dest = ev.stage_data(tmp_path / "repo" / "benchmarks" / "data" / "fashion-mnist")
+    assert ev.find_data(str(dest)) == dest.resolve()
+    (src / ev.FMNIST_FILES[0]).unlink()
+    with pytest.raises(ev.MaskSubError, match="dataset-fashion-mnist"):
+        ev.stage_data(tmp_path / "other")
+    assert ev.find_data(str(src)) is None

@@ -135,7 +135,7 @@ def make_plan(rehearsal: bool = False) -> list[Stage]:
     for name, title in (("resnet50", "ResNet-50"), ("swin_t", "Swin-T")):
         plan.append(Stage(f"bench-{name}", "bench", f"{title} eager: standard, off, paper, masksub memory",
                           m(name), name, BENCH_ROWS[:4], ("memory",)))
-    plan.append(Stage("compare-core", "compare", "Fashion-MNIST 30 epochs: baseline and masksub, seeds 0, 1",
+    plan.append(Stage("compare-core", "compare", "Fashion-MNIST recipe: baseline and masksub, seeds 0, 1",
                       settings=("baseline", "masksub"), seeds=(0, 1)))
     plan.append(Stage("bench-vit_b-compiled", "bench", "ViT-B/16 compiled: standard, masksub memory",
                       m("vit_b"), "vit_b", ("standard", "masksub"), ("memory",), compiled=True))
@@ -358,6 +358,11 @@ def run_inline(commands: list[tuple[list[str], Path]]) -> tuple[list[int | None]
                 codes.append(cli_main(argv[3:]))
             except SystemExit as e:  # argparse: a bad flag
                 codes.append(e.code if isinstance(e.code, int) else 2)
+            except Exception:  # noqa: BLE001 - as a process would: the traceback in the log, exit 1
+                import traceback
+
+                traceback.print_exc()
+                codes.append(1)
         walls.append(time.monotonic() - t)
     return codes, walls
 
@@ -417,7 +422,7 @@ class Evidence:
         if d.exists():
             shutil.rmtree(d)  # this stage's earlier results would mix with the new ones
         d.mkdir(parents=True)
-        started = _now()
+        started, t_stage = _now(), time.monotonic()
         self.log(f"[{self.guard.elapsed():5.0f} s] start {stage.name} (est. {est:.0f} s): {stage.what}")
         _write_json(d / "_stage.json", dict(stage=stage.name, status="running", started=started, estimate_s=est))
         env = self.env()
@@ -444,9 +449,9 @@ class Evidence:
                 if t:
                     self.measured.train_s[(s, seed)] = t
         _write_json(d / "_stage.json", dict(stage=stage.name, status=status, started=started, finished=_now(),
-                                            wall_s=round(max(walls) if walls else 0.0, 1), estimate_s=round(est, 1),
+                                            wall_s=round(time.monotonic() - t_stage, 1), estimate_s=round(est, 1),
                                             exit_codes=codes, commands=[c for c, _ in cmds]))
-        self.log(f"[{self.guard.elapsed():5.0f} s] {status} {stage.name} in {max(walls) if walls else 0:.0f} s")
+        self.log(f"[{self.guard.elapsed():5.0f} s] {status} {stage.name} in {time.monotonic() - t_stage:.0f} s")
         if status != "done":
             for _argv, logf in cmds:
                 self.log(f"--- tail of {logf}:\n{_tail(logf)}")
@@ -457,18 +462,18 @@ class Evidence:
         for stage in self.stages:
             statuses[stage.name] = self.run_stage(stage)
             if statuses[stage.name] != "skipped":
-                self.finish()
+                self.finish(plots=stage.kind == "compare")  # the plots change with compare runs only
         self.meta["statuses"] = statuses
-        return self.finish()
+        return self.finish(plots=False)
 
-    def finish(self) -> dict[str, Any]:
+    def finish(self, plots: bool = True) -> dict[str, Any]:
         """Summary from what is on disk, written next to the results and exported. A failure
         here is logged, never fatal: the next stages and the archive matter more."""
         self.meta.update(elapsed_s=round(self.guard.elapsed(), 1))
         summary: dict[str, Any] = {"meta": dict(self.meta)}
         try:
             summary = build_summary(self.out, self.plan, rehearsal=self.rehearsal, skipped=self.skipped,
-                                    meta=self.meta)
+                                    meta=self.meta, plots=plots)
             write_summary(self.out, summary)
         except Exception as e:  # noqa: BLE001 - keep measuring; the error is in the log and the archive
             self.log(f"summary failed: {type(e).__name__}: {e}")
@@ -626,8 +631,8 @@ def check_accuracy_goals(runs: list[dict[str, Any]], seeds: tuple[int, ...] = (0
     return out
 
 
-def merge_compare(out: Path, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One table and one set of plots over every compare run on disk (``out/compare``)."""
+def merge_compare(out: Path, runs: list[dict[str, Any]], plots: bool = True) -> list[dict[str, Any]]:
+    """One table and (``plots``) one set of plots over every compare run on disk (``out/compare``)."""
     from ..compare.plot import plot_runs
     from ..compare.table import rows_from_runs, write_tables
 
@@ -639,12 +644,13 @@ def merge_compare(out: Path, runs: list[dict[str, Any]]) -> list[dict[str, Any]]
     rows = rows_from_runs(runs)
     d = out / "compare"
     write_tables(rows, d, f"{RECIPE}: every run of this evidence (runs of one stage shared the GPU)")
-    plot_runs([r["dir"] for r in runs], d, title=RECIPE)
+    if plots:
+        plot_runs([r["dir"] for r in runs], d, title=RECIPE)
     return [{**row, "complete": r["complete"]} for row, r in zip(rows, runs, strict=True)]
 
 
 def build_summary(out: Path, plan: list[Stage], *, rehearsal: bool, skipped: dict[str, str] | None = None,
-                  meta: dict[str, Any] | None = None) -> dict[str, Any]:
+                  meta: dict[str, Any] | None = None, plots: bool = True) -> dict[str, Any]:
     """Everything the call measured, read back from disk, with every goal checked."""
     skipped = skipped or {}
     stages = []
@@ -658,7 +664,7 @@ def build_summary(out: Path, plan: list[Stage], *, rehearsal: bool, skipped: dic
     rows = read_bench_rows(out, plan)
     fill_ratios(rows)
     runs = read_compare_runs(out, plan)
-    table_rows = merge_compare(out, runs)
+    table_rows = merge_compare(out, runs, plots)
     left = [s["stage"] for s in stages if s["status"] != "done"]
     devices = sorted({r["device"] for r in rows if r.get("device")})
     return dict(

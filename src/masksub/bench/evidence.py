@@ -57,7 +57,8 @@ REFERENCE_TOP1 = {"baseline": (90.33, 90.13), "masking": (89.93, 89.84), "masksu
 # -- step-time estimates (for the budget only; never reported as measurements) ----------------
 # Eager bf16 standard steps on an H100/H200, in ms, at the bench's batches. DESIGN.md's H200
 # reference gives the compiled ViT-B/16 (batch 128) standard step, 38.8 ms; eager is taken ~15%
-# slower (45 ms). The others are scaled by forward GMACs x batch against ViT-B/16 (17.6 x 128):
+# slower (45 ms). The others are scaled by forward GMACs per image (the figures timm's model
+# cards list, quoted from memory: estimate inputs only) x batch against ViT-B/16 (17.6 x 128):
 # ViT-S 4.6 x 256 (0.52x; small widths run less efficiently: 30 ms), ViT-L 61.6 x 64 (1.75x:
 # 80 ms), ResNet-50 4.1 x 128 and Swin-T 4.5 x 128 (0.23x-0.26x, but many small memory-bound
 # kernels in eager: 40 ms each, on the safe side).
@@ -714,9 +715,9 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         lines.append(f"| {r['setting']} | {r['seed']} | {r['epochs']} | {_f(r['final_top1'], '.2f')} | "
                      f"{_f(r['best_top1'], '.2f')} | {_f(r['time_s'], '.0f')} | {_f(r['cost_vs_baseline'], '.2f')} | "
                      f"{'yes' if r.get('complete') else 'NO'} |")
-    lines += ["", "Reference (DESIGN.md, H200): standard 90.33 / 90.13, masking-only 89.93 / 89.84, "
-              "MaskSub 92.20 / 92.13 (seeds 0 / 1). Runs of one stage shared the GPU: their times are "
-              "indicative; the bench is the cost measurement.", "",
+    ref = ", ".join(f"{k} {a:.2f} / {b:.2f}" for k, (a, b) in REFERENCE_TOP1.items())
+    lines += ["", f"Reference (DESIGN.md, H200; seeds 0 / 1): {ref}. Runs of one stage shared the GPU: "
+              "their times are indicative; the bench is the cost measurement.", "",
               "## Goals: accuracy", "", "| seed | goal | standard | value | difference | status |",
               "|---|---|---|---|---|---|"]
     for g in summary["accuracy_goals"]:

@@ -85,6 +85,48 @@ def _norm_of_diff(params: list[nn.Parameter], before: list[Tensor | None], scale
     return torch.nn.utils.get_total_norm(added) / scale
 
 
+# amp_dtype: the common spellings, so a config string works the same as a torch dtype
+_AMP_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+              "float16": torch.float16, "half": torch.float16, "none": None, "fp32": None, "float32": None}
+
+
+def resolve_amp_dtype(value: Any) -> torch.dtype | None:
+    """A torch dtype, one of the common strings, or None; anything else fails at construction,
+    not at the first step."""
+    if value is None or value in (torch.bfloat16, torch.float16):
+        return value
+    if isinstance(value, str) and value.lower() in _AMP_NAMES:
+        return _AMP_NAMES[value.lower()]
+    raise MaskSubError(f"amp_dtype must be torch.bfloat16, torch.float16, None or one of "
+                       f"{', '.join(_AMP_NAMES)}, got {value!r}")
+
+
+def check_loss_scale(loss_scale: Any) -> float:
+    """A finite number > 0 (e.g. 1 / accumulation steps): a negative or NaN one would train backwards
+    or poison every gradient."""
+    if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)) or not 0 < loss_scale < math.inf:
+        raise MaskSubError(f"loss_scale must be a finite number > 0 (e.g. 1 / accumulation steps), got {loss_scale!r}")
+    return float(loss_scale)
+
+
+@contextlib.contextmanager
+def _restore_grads_on_error(params: list[nn.Parameter]) -> Iterator[None]:
+    """An error after the main backward (order "memory") leaves ``.grad`` as it was: gradients
+    that were empty are emptied again (no copy is kept, so no memory is spent); where gradients
+    were already accumulated, the error says that the main branch's part was added to them."""
+    empty = [p.grad is None for p in params]
+    try:
+        yield
+    except Exception as e:
+        for p, was_empty in zip(params, empty, strict=True):
+            if was_empty:
+                p.grad = None
+        if not all(empty) and isinstance(e, MaskSubError):
+            raise MaskSubError(f"{e} (the main branch's gradient of this step was already added to the "
+                               "gradients accumulated before it: zero_grad() before retrying)") from None
+        raise
+
+
 class MaskSub:
     """Add a masked sub-branch to any supervised step.
 
@@ -118,7 +160,7 @@ class MaskSub:
         self.main_weight = float(main_weight)
         self.sub_weight = float(sub_weight)
         self.forward_fn = forward_fn or default_forward
-        self.amp_dtype = amp_dtype
+        self.amp_dtype = resolve_amp_dtype(amp_dtype)
         self.branch: Family | None = None
         self.ratio = 0.0
         if self.mode is not None:
@@ -178,6 +220,7 @@ class MaskSub:
         ``sync=False`` keeps DDP from all-reducing (gradient accumulation, not the last
         micro-batch); ``loss_scale`` multiplies both losses (e.g. 1 / accumulation steps).
         """
+        loss_scale = check_loss_scale(loss_scale)
         self.validate(x)  # shape checks only, every step: a bad batch fails before any work
         model = self.model
         scale = float(scaler.get_scale()) if (grad_norms and scaler is not None and scaler.is_enabled()) else 1.0
@@ -208,19 +251,20 @@ class MaskSub:
 
         wm, ws = self.main_weight * loss_scale, self.sub_weight * loss_scale
         if self.order == "memory":
-            with ddp_no_sync(model):
-                main = self.forward_main(x)
-                loss_main = _main_loss(main)
-                before = _grads(params) if grad_norms else None
-                _bw(loss_main * wm)
-            main = main.detach()
-            if grad_norms:  # the main part now, before the sub backward adds to .grad
-                norm_main = _norm_of_diff(params, before, scale)
-                mid = _grads(params)
-            with ddp_no_sync(model, not sync):
-                sub = self.forward_sub(x)
-                loss_sub = relaxed_loss(sub, main, self.kind)
-                _bw(loss_sub * ws)
+            with _restore_grads_on_error([p for p in model.parameters() if p.requires_grad]):
+                with ddp_no_sync(model):
+                    main = self.forward_main(x)
+                    loss_main = _main_loss(main)
+                    before = _grads(params) if grad_norms else None
+                    _bw(loss_main * wm)
+                main = main.detach()
+                if grad_norms:  # the main part now, before the sub backward adds to .grad
+                    norm_main = _norm_of_diff(params, before, scale)
+                    mid = _grads(params)
+                with ddp_no_sync(model, not sync):
+                    sub = self.forward_sub(x)
+                    loss_sub = relaxed_loss(sub, main, self.kind)
+                    _bw(loss_sub * ws)
             out = StepOutput(main, loss_main.detach(), loss_sub.detach(), sub.detach())
             if grad_norms:
                 out.grad_norm_main = norm_main

@@ -59,6 +59,15 @@ def _set_rates(changes: Iterable[tuple[nn.Module, str, float]]) -> Iterator[None
             setattr(m, attr, old)
 
 
+def _require_train(model: nn.Module, what: str) -> None:
+    """In eval() dropout and drop-path do nothing: the sub-branch would be the main branch, silently."""
+    if not model.training:
+        raise MaskSubError(
+            f"{type(model).__name__} is in eval(): {what} does nothing there, so the {what} sub-branch would "
+            "equal the main branch; call model.train() before the MaskSub step (or use mode='mask')"
+        )
+
+
 class DropPath(nn.Module):
     """Stochastic depth on the batch dimension, for slots a model left empty at rate 0."""
 
@@ -92,7 +101,11 @@ class DropSub(Family):
                 "its dropout layers (timm: drop_rate / proj_drop_rate; HF: hidden_dropout_prob) or use mode='mask'"
             )
 
+    def validate(self, model: nn.Module, x: Any) -> None:
+        _require_train(model, "dropout")
+
     def apply(self, model: nn.Module, ratio: float) -> contextlib.AbstractContextManager:
+        _require_train(model, "dropout")
         return _set_rates((m, a, ratio) for m, a in self._slots.get(model, _dropout_slots))
 
 
@@ -138,8 +151,12 @@ class PathSub(Family):
         if bad:
             raise MaskSubError(f"drop-path {max(bad)} + delta {ratio} reaches 1; use a smaller delta (ratio)")
 
+    def validate(self, model: nn.Module, x: Any) -> None:
+        _require_train(model, "drop-path")
+
     @contextlib.contextmanager
     def apply(self, model: nn.Module, ratio: float) -> Iterator[None]:
+        _require_train(model, "drop-path")
         paths, empty = self._slots.get(model, _drop_path_slots)
         self.check(model, ratio)
         fill = self._fill  # stateless: one serves every slot, and every step

@@ -40,10 +40,16 @@ def _parse_list(text: str, what: str, conv=str) -> list:
         raise MaskSubError(f"--{what} must be a comma-separated list, got {text!r}") from None
 
 
+PLAN = "compare.json"  # what a comparison was asked to do: `--resume` reads it back
+
+
 def run_compare(recipe: str, settings: list[str], seeds: list[int], out_dir: str | Path,
                 overrides: dict[str, Any] | None = None, budget_ratio: float | None = None,
-                analysis: bool = True) -> dict[str, Any]:
-    """Train every (setting, seed); returns the results dict also written to results.json."""
+                analysis: bool = True, *, resume: bool = False) -> dict[str, Any]:
+    """Train every (setting, seed); returns the results dict also written to results.json.
+
+    A signal stops the whole comparison (no table is written); ``resume=True`` keeps the finished
+    runs, resumes the interrupted one from its checkpoint and trains the rest."""
     from ..train import config as C
     from ..train.engine import train
     from .plot import plot_runs, read_run
@@ -58,6 +64,13 @@ def run_compare(recipe: str, settings: list[str], seeds: list[int], out_dir: str
     base_cfg = C.load(recipe, overrides)  # every bad key / value fails here, before any training
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    plan = {"recipe": recipe, "settings": settings, "seeds": seeds, "overrides": overrides,
+            "budget_ratio": budget_ratio, "analysis": analysis}
+    if not resume:
+        if (out / PLAN).exists():
+            raise MaskSubError(f"{out} already holds a comparison; continue it with: masksub compare --resume "
+                               f"{out}, or pick another --out")
+        (out / PLAN).write_text(json.dumps(plan, indent=2) + "\n")
     order = [s for s in settings if s != "samebudget"] + (["samebudget"] if "samebudget" in settings else [])
     runs: list[dict[str, Any]] = []
     for setting in order:
@@ -69,13 +82,24 @@ def run_compare(recipe: str, settings: list[str], seeds: list[int], out_dir: str
                 ov["epochs"] = max(1, math.ceil(base_cfg.epochs * ratio - 1e-9))
                 ov["warmup_epochs"] = base_cfg.warmup_epochs
             cfg = C.load(recipe, ov)
-            print(f"== compare: {setting}, seed {seed}: {cfg.epochs} epochs ==", flush=True)
-            summary = train(cfg)
-            run = read_run(out / ov["run_name"])
+            run_dir = out / ov["run_name"]
+            summary = _finished(run_dir, cfg.epochs) if resume else None
+            if summary is not None:
+                print(f"== compare: {setting}, seed {seed}: finished before, kept ==", flush=True)
+            else:
+                print(f"== compare: {setting}, seed {seed}: {cfg.epochs} epochs ==", flush=True)
+                summary = _train_or_resume(train, cfg, run_dir, resume)
+            if summary.get("stopped") == "signal":
+                sig = summary.get("signal") or 15
+                print(f"compare: stopped by signal {sig} during {setting}, seed {seed}; no table written. "
+                      f"Finished runs are kept; continue with: masksub compare --resume {out}", flush=True)
+                return {"stopped": "signal", "signal": sig, "out": str(out)}
+            run = read_run(run_dir)
             # training time only (epoch lines), not evaluation or the analysis passes
             train_s = sum(e.get("time_s") or 0.0 for e in run["epochs"]) or summary.get("time_s")
             runs.append({"setting": setting, "seed": seed, "dir": run["dir"], "epochs": run["epochs"],
-                         "time_s": train_s, "summary": summary})
+                         "time_s": train_s, "summary": summary,
+                         "complete": summary.get("epochs_done") == cfg.epochs and not summary.get("stopped")})
     rows = rows_from_runs(runs)
     title = f"{recipe}: {', '.join(order)}; seeds {', '.join(map(str, seeds))}"
     md, cs = write_tables(rows, out, title)
@@ -88,9 +112,27 @@ def run_compare(recipe: str, settings: list[str], seeds: list[int], out_dir: str
     return result
 
 
+def _finished(run_dir: Path, epochs: int) -> dict[str, Any] | None:
+    """The summary of a run that trained all its epochs, else None."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    done = not summary.get("stopped") and summary.get("epochs_done") == epochs
+    return summary if done else None
+
+
+def _train_or_resume(train: Any, cfg: Any, run_dir: Path, resume: bool) -> dict[str, Any]:
+    """On --resume: a run with a checkpoint continues from it; one stopped before its first
+    checkpoint starts again."""
+    if resume and (run_dir / "last.pt").is_file():
+        return train(cfg, resume=str(run_dir))
+    return train(cfg, overwrite=resume)
+
+
 def _measured_cost(runs: list[dict[str, Any]]) -> float:
     def mean_time(setting: str) -> float:
-        ts = [r["time_s"] for r in runs if r["setting"] == setting and r["time_s"]]
+        ts = [r["time_s"] for r in runs if r["setting"] == setting and r["time_s"] and r.get("complete", True)]
         return sum(ts) / len(ts) if ts else float("nan")
 
     ratio = mean_time("masksub") / mean_time("baseline")
@@ -118,16 +160,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from ..train.cli_train import overrides
 
+    if args.resume:
+        return _resume(args)
     if not args.recipe:
         raise MaskSubError("give --recipe NAME (see `masksub train --list`)")
-    if args.resume:
-        raise MaskSubError("compare does not take --resume; resume a single run with masksub train --resume")
     ov = {**(QUICK if args.quick else {}), **overrides(args)}
     for key in ("sub", "seed", "output", "run_name", "masking_only", "analysis"):
         if key in ov:
             raise MaskSubError(f"compare sets {key!r} itself per setting; drop it (use --settings / --seeds / --out)")
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = args.out or f"runs/compare-{Path(args.recipe).stem}-{stamp}"
-    run_compare(args.recipe, _parse_list(args.settings, "settings"), _parse_list(args.seeds, "seeds", int),
-                out, ov, args.budget_ratio, args.analysis)
-    return 0
+    res = run_compare(args.recipe, _parse_list(args.settings, "settings"), _parse_list(args.seeds, "seeds", int),
+                      out, ov, args.budget_ratio, args.analysis)
+    return 128 + int(res["signal"]) if res.get("stopped") == "signal" else 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    """``masksub compare --resume DIR``: the same plan, from where it stopped."""
+    from ..train.cli_train import overrides
+
+    out = Path(args.resume)
+    try:
+        plan = json.loads((out / PLAN).read_text())
+    except (OSError, ValueError):
+        raise MaskSubError(f"{out} is not a comparison folder (no readable {PLAN}); give the --out folder of "
+                           "a masksub compare run") from None
+    if overrides(args) or args.recipe or args.quick or args.budget_ratio is not None:
+        raise MaskSubError("compare --resume continues the comparison as it was asked (its compare.json); "
+                           "drop the other options")
+    res = run_compare(plan["recipe"], plan["settings"], plan["seeds"], out, plan["overrides"],
+                      plan["budget_ratio"], plan["analysis"], resume=True)
+    return 128 + int(res["signal"]) if res.get("stopped") == "signal" else 0

@@ -7,12 +7,16 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ("setting", "seed", "epochs", "final_top1", "best_top1", "time_s", "cost_vs_baseline")
+COLUMNS = ("setting", "seed", "epochs", "final_top1", "best_top1", "time_s", "cost_vs_baseline", "complete")
+# A row of a run that stopped before its last epoch says so, and is kept out of the means and the cost.
+INCOMPLETE_NOTE = ("Rows with complete = no stopped before their last epoch (max_steps or a stop): their "
+                   "accuracy and time are not comparable, and they are left out of the means and the cost.")
 
 
 def rows_from_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``runs``: dicts with setting, seed, epochs (epoch lines) and time_s."""
-    base_times = [r["time_s"] for r in runs if r["setting"] == "baseline" and r.get("time_s")]
+    base_times = [r["time_s"] for r in runs
+                  if r["setting"] == "baseline" and r.get("time_s") and r.get("complete", True)]
     base = statistics.mean(base_times) if base_times else None
     rows = []
     for r in runs:
@@ -25,6 +29,7 @@ def rows_from_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "best_top1": max(tops) if tops else None,
             "time_s": r.get("time_s"),
             "cost_vs_baseline": (r["time_s"] / base) if (base and r.get("time_s")) else None,
+            "complete": "yes" if r.get("complete", True) else "no",
         })
     return rows
 
@@ -32,8 +37,10 @@ def rows_from_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def mean_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for setting in dict.fromkeys(r["setting"] for r in rows):
-        group = [r for r in rows if r["setting"] == setting]
-        mean: dict[str, Any] = {"setting": setting, "seed": "mean", "epochs": group[0]["epochs"]}
+        group = [r for r in rows if r["setting"] == setting and r.get("complete", "yes") == "yes"]
+        if not group:
+            continue
+        mean: dict[str, Any] = {"setting": setting, "seed": "mean", "epochs": group[0]["epochs"], "complete": "yes"}
         for k in ("final_top1", "best_top1", "time_s", "cost_vs_baseline"):
             vals = [r[k] for r in group if r[k] is not None]
             mean[k] = statistics.mean(vals) if vals else None
@@ -53,7 +60,8 @@ def to_markdown(rows: list[dict[str, Any]], title: str = "") -> str:
     allrows = rows + mean_rows(rows)
     head = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
     body = "".join("| " + " | ".join(_fmt(r[k], k) for k in COLUMNS) + " |\n" for r in allrows)
-    return (f"### {title}\n\n" if title else "") + head + body
+    note = f"\n{INCOMPLETE_NOTE}\n" if any(r.get("complete") == "no" for r in rows) else ""
+    return (f"### {title}\n\n" if title else "") + head + body + note
 
 
 def write_tables(rows: list[dict[str, Any]], out_dir: str | Path, title: str = "") -> tuple[Path, Path]:

@@ -65,15 +65,9 @@ def save(path: str | Path, payload: dict[str, Any]) -> Path:
     torch.save(payload, buf)
     data = buf.getbuffer()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    slow = float(os.environ.get(SLOW_ENV, "0") or 0)
     try:
         with open(tmp, "wb") as f:
-            half = len(data) // 2
-            f.write(data[:half])
-            if slow:
-                f.flush()
-                time.sleep(slow)
-            f.write(data[half:])
+            _write(f, data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -91,8 +85,20 @@ def save(path: str | Path, payload: dict[str, Any]) -> Path:
     return path
 
 
-def load(path: str | Path, *, map_location: Any = "cpu") -> dict[str, Any]:
-    """Read and check a checkpoint; every way it can be unusable is a MaskSubError."""
+def _write(f: Any, data: memoryview) -> None:
+    """The bytes into the open temporary file (a test fills the disk here)."""
+    slow = float(os.environ.get(SLOW_ENV, "0") or 0)
+    half = len(data) // 2
+    f.write(data[:half])
+    if slow:
+        f.flush()
+        time.sleep(slow)
+    f.write(data[half:])
+
+
+def load(path: str | Path, *, map_location: Any = "cpu", require: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read and check a checkpoint; every way it can be unusable is a MaskSubError (``require``:
+    keys the caller needs, e.g. ``("config", "model")`` to train or evaluate)."""
     path = Path(path)
     if path.is_dir():
         path = path / "last.pt"
@@ -112,6 +118,12 @@ def load(path: str | Path, *, map_location: Any = "cpu") -> dict[str, Any]:
         raise MaskSubError(
             f"checkpoint {path} has format version {version!r}; this masksub reads version {VERSION}. "
             "Use the masksub release that wrote it"
+        )
+    missing = [k for k in require if k not in ckpt]
+    if missing:
+        raise MaskSubError(
+            f"checkpoint {path} has no {' or '.join(repr(k) for k in missing)}: it was not written by "
+            "masksub train (or was edited); use a run's last.pt or best.pt"
         )
     return ckpt
 

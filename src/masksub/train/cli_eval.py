@@ -27,7 +27,7 @@ def evaluate_checkpoint(path: str, *, data: str | None = None, ema: bool = False
     from .build import build_model, label_criterion
     from .data import build_data
 
-    ck = checkpoint.load(path)
+    ck = checkpoint.load(path, require=("config", "model"))
     cfg = C.from_dict(ck["config"])
     ov = C.parse_sets(sets or [])
     if data:
@@ -38,6 +38,9 @@ def evaluate_checkpoint(path: str, *, data: str | None = None, ema: bool = False
         ov["device"] = device
     C.apply(cfg, ov, "the command line")
     C.validate(cfg)
+    from .distributed import check_device
+
+    check_device(cfg.device)
     dev = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model = build_model(cfg)
     sd = ck["model"]
@@ -50,6 +53,12 @@ def evaluate_checkpoint(path: str, *, data: str | None = None, ema: bool = False
 
         masksub.prepare(model, "mask", cfg.family, **cfg.family_options)
     checkpoint.check_model(ck, model, cfg.model, path)
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise MaskSubError(
+            f"checkpoint {path}: {len(bad)} weight tensor(s) are not finite (e.g. {', '.join(bad[:3])}), so "
+            "every prediction is meaningless; it was written by a run that diverged. Evaluate an earlier "
+            "checkpoint (best.pt) instead")
     model.load_state_dict(sd)
     model.to(dev).eval()
     _, val = build_data(cfg, device=dev)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..errors import MaskSubError
 
@@ -33,6 +34,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override any config key (repeatable); dotted keys for dicts: model_kwargs.depth=2")
     p.add_argument("--resume", metavar="RUN_DIR_OR_CKPT",
                    help="continue a run exactly (its saved config; --set / flags still override)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again in a run directory that already holds a run (deletes that run)")
+
+
+# What a checkpoint's weights, optimizer state and data position depend on: fixed on --resume.
+FROZEN_ON_RESUME = ("model", "model_kwargs", "num_classes", "img_size", "in_chans", "sub", "family",
+                    "family_options", "masking_only", "opt", "layer_decay", "ema", "bce", "data", "data_dir",
+                    "train_split", "subset", "synthetic_size", "batch_size", "accum_steps", "seed",
+                    "output", "run_name")
+
+
+def check_resume(saved: dict, cfg, recipe: str | None, where: str) -> None:
+    """Refuse, before anything is written, what a resumed run cannot honour."""
+    if recipe and Path(recipe).stem != (saved.get("recipe") or ""):
+        raise MaskSubError(
+            f"--resume {where} continues that run with its own recipe ({saved.get('recipe')!r}); --recipe "
+            f"{recipe} would be ignored. Drop --recipe, or start a new run with it")
+    new = cfg.to_dict()
+    changed = [k for k in FROZEN_ON_RESUME if k in saved and new.get(k) != saved[k]]
+    if changed:
+        k = changed[0]
+        raise MaskSubError(
+            f"{', '.join(changed)} cannot change on --resume ({k}: the checkpoint has {saved[k]!r}, the command "
+            f"line gives {new[k]!r}); its weights, optimizer state and data position depend on it. Drop the "
+            "override, or start a new run (another --run-name) from the weights with pretrained_file=")
 
 
 def overrides(args: argparse.Namespace) -> dict:
@@ -58,10 +84,11 @@ def main(args: argparse.Namespace) -> int:
     if args.resume:
         from . import checkpoint
 
-        saved = checkpoint.load(args.resume)["config"]
+        saved = checkpoint.load(args.resume, require=("config", "model"))["config"]
         cfg = C.from_dict(saved)
         cfg = C.apply(cfg, ov, "the command line")
         C.validate(cfg)
+        check_resume(saved, cfg, args.recipe, args.resume)
     else:
         if not args.recipe:
             raise MaskSubError("give --recipe NAME (see `masksub train --list`) or --resume RUN_DIR")
@@ -69,7 +96,7 @@ def main(args: argparse.Namespace) -> int:
     from .engine import TrainingStopped, train
 
     try:
-        summary = train(cfg, resume=args.resume)
+        summary = train(cfg, resume=args.resume, overwrite=getattr(args, "overwrite", False))
     except TrainingStopped as e:
         print(f"masksub train: stopped: {e}", file=sys.stderr)
         return 3

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,8 +268,29 @@ def from_dict(values: dict[str, Any]) -> Config:
     return cfg
 
 
+def _check_numbers(cfg: Config) -> None:
+    """No inf / NaN anywhere (they pass every range check and train NaN weights), a seed numpy
+    takes for every rank, mean / std with one entry per channel and std > 0."""
+    for key, value in cfg.to_dict().items():
+        items = value if isinstance(value, list) else [value]
+        for v in items:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise MaskSubError(f"{key} must be a finite number, got {value!r}")
+    if not 0 <= cfg.seed < 2**31:
+        raise MaskSubError(f"seed must be in [0, 2**31), got {cfg.seed}")
+    for key in ("mean", "std"):
+        v = getattr(cfg, key)
+        if v is None:
+            continue
+        if len(v) != cfg.in_chans or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+            raise MaskSubError(f"{key} needs one number per input channel (in_chans={cfg.in_chans}), got {v!r}")
+        if key == "std" and min(v) <= 0:
+            raise MaskSubError(f"std must be > 0 for every channel (the input is divided by it), got {v!r}")
+
+
 def validate(cfg: Config) -> None:
     """Every check that needs no model or data: ranges, choices, combinations."""
+    _check_numbers(cfg)
     def choice(key: str, options: tuple[str, ...]) -> None:
         v = getattr(cfg, key)
         if v not in options:

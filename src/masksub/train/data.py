@@ -294,6 +294,30 @@ def build_transforms(cfg: Config) -> tuple[Any, Any]:
     return train_tf, eval_tf
 
 
+def _check_imagefolder_splits(root: Path, train_split: str, val_split: str) -> None:
+    """timm falls back to the root itself for a split folder it cannot find: a tree without a
+    val folder would then be validated on its training images, silently. Refuse that."""
+    from timm.data.dataset_factory import _EVAL_SYNONYM, _TRAIN_SYNONYM
+
+    def find(split: str) -> Path | None:
+        name = split.split("[")[0]
+        synonyms = _TRAIN_SYNONYM if name in _TRAIN_SYNONYM else _EVAL_SYNONYM if name in _EVAL_SYNONYM else {}
+        for cand in (name, *synonyms):
+            if (root / cand).is_dir():
+                return root / cand
+        return None
+
+    tr, va = find(train_split), find(val_split)
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if tr is None:
+        raise MaskSubError(f"ImageFolder root {root} has no {train_split!r} folder (found {folders}); give the "
+                           "training folder with --set train_split=NAME")
+    if va is None or va == tr:
+        raise MaskSubError(
+            f"ImageFolder root {root} has no validation folder ({val_split!r}, val, validation, ...; found "
+            f"{folders}): validation would run on the training images. Give one with --set val_split=NAME")
+
+
 def build_data(cfg: Config, *, device: torch.device, rank: int = 0, world: int = 1) -> tuple[Any, Any]:
     """(train, val) data objects with ``num_batches(epoch)``, ``iterate(epoch, start)``, ``plain(n)``."""
     eval_bs = cfg.eval_batch_size or cfg.batch_size
@@ -328,6 +352,7 @@ def build_data(cfg: Config, *, device: torch.device, rank: int = 0, world: int =
         root_p = Path(root).expanduser()
         if not root_p.is_dir():
             raise MaskSubError(f"data path {root} is not a directory (an ImageFolder root)")
+        _check_imagefolder_splits(root_p, cfg.train_split, cfg.val_split)
     try:
         kw = dict(root=root, search_split=True, input_img_mode="L" if cfg.in_chans == 1 else "RGB",
                   batch_size=cfg.batch_size, seed=cfg.seed)

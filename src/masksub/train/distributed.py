@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..errors import MaskSubError
+
 
 @dataclass
 class Dist:
@@ -25,8 +27,29 @@ class Dist:
         return self.world > 1
 
 
+def check_device(pref: str) -> None:
+    """A device this machine has, or a message saying which it has (not a traceback)."""
+    if pref == "auto":
+        return
+    try:
+        dev = torch.device(pref)
+    except (RuntimeError, TypeError):
+        raise MaskSubError(f"device {pref!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise MaskSubError(f"device {pref!r}: this machine has no usable CUDA GPU; use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= n:
+            raise MaskSubError(f"device {pref!r}: this machine has {n} CUDA GPU(s), cuda:0 to cuda:{n - 1}")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise MaskSubError(f"device {pref!r}: MPS is not available here; use --device cpu (or auto)")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise MaskSubError(f"device {pref!r}: masksub trains on cpu, cuda or mps")
+
+
 def setup(device_pref: str = "auto") -> tuple[Dist, torch.device]:
     """Read torchrun's environment; gloo on CPU, NCCL on CUDA. One process: no group at all."""
+    check_device(device_pref)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -68,3 +91,11 @@ def any_flag(flag: bool | Tensor, d: Dist, device: torch.device) -> bool:
         t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def any_flags(flags: Tensor, d: Dist, device: torch.device) -> list[bool]:
+    """Several flags at once, each True if any rank raised it: one reduction, one host sync."""
+    t = flags.detach().reshape(-1).to(device=device, dtype=torch.float32)
+    if d.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
+import fcntl
 import json
 import os
 import signal
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +43,27 @@ from .logging import RunLog, progress
 
 # Test hook: comma-separated optimizer-update indices whose loss is made NaN.
 NAN_ENV = "MASKSUB_TEST_NAN_STEPS"
+# Test hook: the same, but the loss stays finite and its gradient is NaN (as a diverging run's).
+NAN_GRAD_ENV = "MASKSUB_TEST_NAN_GRAD_STEPS"
+# Test hook: after the optimizer step of these updates a weight is inf (an update that overflowed).
+INF_UPDATE_ENV = "MASKSUB_TEST_INF_UPDATE_STEPS"
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+class _NanGrad(torch.autograd.Function):
+    """Identity forward, NaN gradient: the test hook's finite loss with a non-finite gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor:
+        return g * float("nan")
+
+
 class TrainingStopped(MaskSubError):
-    """The run stopped on purpose (non-finite losses); a checkpoint was written first."""
+    """The run stopped on purpose (non-finite values); the message says which checkpoint is intact."""
 
 
 def _fmt_time(s: float) -> str:
@@ -56,10 +75,12 @@ def _fmt_time(s: float) -> str:
 class Trainer:
     """Build everything from a validated config (all bad input fails here), then ``run()``."""
 
-    def __init__(self, cfg: Config, *, resume: str | None = None, run_dir: str | None = None) -> None:
+    def __init__(self, cfg: Config, *, resume: str | None = None, run_dir: str | None = None,
+                 overwrite: bool = False) -> None:
         self.cfg = cfg
         self.dist, self.device = D.setup(cfg.device)
         if cfg.threads:
+            _check_threads(cfg.threads)
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed + self.dist.rank)
         import random
@@ -70,6 +91,18 @@ class Trainer:
         np.random.seed(cfg.seed + self.dist.rank)
 
         resume_ckpt = ckpt_mod.load(resume) if resume else None
+        self.run_dir = _resolve_run_dir(cfg, resume, run_dir)
+        self._lock: Any = None
+        self._saved_step: int | None = resume_ckpt["global_step"] if resume_ckpt is not None else None
+        refused: MaskSubError | None = None
+        self.run_id = (resume_ckpt or {}).get("run_id")
+        if self.dist.main:  # one rank looks (the others could see its files appear); all agree
+            try:
+                self.run_id = _check_run_dir(self.run_dir, resume_ckpt, overwrite=overwrite)
+            except MaskSubError as e:
+                refused = e
+        if D.any_flag(refused is not None, self.dist, self.device):
+            raise refused or MaskSubError("rank 0 refused the run directory (see its message)")
         model = build_model(cfg).to(self.device)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -132,25 +165,34 @@ class Trainer:
         self.last_eval: dict[str, Any] = {}
         self.elapsed = 0.0
         self._stop_signal: int | None = None
+        self._bad_what = "loss"
 
-        self.run_dir = Path(run_dir) if run_dir else None
         if resume_ckpt is not None:
             self._restore(resume_ckpt, resume)
-            if self.run_dir is None:
-                p = Path(resume)
-                self.run_dir = p if p.is_dir() else p.parent
-        if self.run_dir is None:
-            stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-            name = cfg.run_name or f"{cfg.recipe or 'run'}-{cfg.sub}-{stamp}"
-            self.run_dir = Path(cfg.output) / name
+        # nothing is written before this point: the lock first, then what the run owns
         if self.dist.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise MaskSubError(f"cannot write the run directory {self.run_dir} ({e.strerror or e}); "
+                                   "choose another --output (or --run-name)") from None
+        self._lock = _lock_run_dir(self.run_dir) if self.dist.main else None
+        if D.any_flag(self.dist.main and self._lock is None, self.dist, self.device):
+            raise MaskSubError(_locked_message(self.run_dir))
+        if self.dist.main:
+            if overwrite and resume_ckpt is None:
+                _clear_run_dir(self.run_dir)
+            (self.run_dir / "run.json").write_text(json.dumps({"run_id": self.run_id}) + "\n")
+            if resume_ckpt is not None:
+                _trim_metrics(self.run_dir, resume_ckpt)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             for stale in self.run_dir.glob(".*.pt.tmp-*"):  # left by a writer killed mid-write
                 stale.unlink(missing_ok=True)
         self.log = RunLog(self.run_dir, enabled=self.dist.main, tensorboard=cfg.tensorboard)
         nan = os.environ.get(NAN_ENV, "")
         self.nan_steps = {int(s) for s in nan.split(",") if s.strip()}
+        self.nan_grad_steps = {int(s) for s in os.environ.get(NAN_GRAD_ENV, "").split(",") if s.strip()}
+        self.inf_update_steps = {int(s) for s in os.environ.get(INF_UPDATE_ENV, "").split(",") if s.strip()}
 
     # -- state -------------------------------------------------------------------------------
     def _new_acc(self) -> dict[str, Any]:
@@ -179,7 +221,7 @@ class Trainer:
             "best_top1": self.best_top1, "best_epoch": self.best_epoch,
             "nonfinite_total": self.nonfinite_total, "nonfinite_run": self.nonfinite_run,
             "acc": acc, "elapsed": self.elapsed, "last_eval": self.last_eval,
-            "rng": all_rng, "world": self.dist.world, "config": self.cfg.to_dict(),
+            "rng": all_rng, "world": self.dist.world, "config": self.cfg.to_dict(), "run_id": self.run_id,
         }
 
     def _restore(self, ck: dict[str, Any], path: str | None) -> None:
@@ -207,10 +249,39 @@ class Trainer:
         ckpt_mod.set_rng_state(rngs[self.dist.rank % len(rngs)])
 
     def save(self, name: str = "last.pt", state: dict[str, Any] | None = None) -> Path | None:
+        """Write a checkpoint, never one with non-finite weights or optimizer state (that stops the
+        run and leaves the last good one); a failed write (full disk) leaves the previous one too."""
         state = state or self._state()  # every rank joins the RNG gather
+        bad = _nonfinite_tensors(state)
+        if D.any_flag(bool(bad), self.dist, self.device):
+            raise TrainingStopped(
+                f"the model weights or optimizer state are not finite after step {self.global_step - 1} "
+                f"(e.g. {', '.join(bad[:3]) or 'on another rank'}); no checkpoint was written: "
+                f"{self._intact()}. Lower lr, raise warmup_epochs, set clip_grad, or use bf16 instead of fp16")
         if not self.dist.main:
             return None
-        return ckpt_mod.save(self.run_dir / name, state)
+        try:
+            path = ckpt_mod.save(self.run_dir / name, state)
+        except OSError as e:
+            raise MaskSubError(
+                f"cannot write checkpoint {self.run_dir / name} ({e.strerror or e}); {self._intact()}. "
+                f"Free space (or move the run), then continue with: masksub train --resume {self.run_dir}"
+            ) from None
+        if name == "last.pt":
+            self._saved_step = state["global_step"]
+        return path
+
+    def _intact(self) -> str:
+        """Where the last good checkpoint is, said truthfully."""
+        if self._saved_step is None:
+            return "this run has no checkpoint yet"
+        return f"{self.run_dir / 'last.pt'} is intact, from step {self._saved_step}"
+
+    def close(self) -> None:
+        """Release the run directory's lock."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     # -- signals -----------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -225,6 +296,8 @@ class Trainer:
     def _criterion(self) -> Any:
         if self.global_step in self.nan_steps:
             return lambda logits, y: self.criterion(logits, y) * float("nan")
+        if self.global_step in self.nan_grad_steps:
+            return lambda logits, y: self.criterion(_NanGrad.apply(logits), y)
         return self.criterion
 
     def _update(self) -> tuple[bool, Any]:
@@ -254,26 +327,44 @@ class Trainer:
             if out.grad_norm_main is not None:
                 gnm, gns = out.grad_norm_main, out.grad_norm_sub
         k = cfg.accum_steps
-        # the one per-step sync (after the all-reduce under DDP): never step on NaN
-        if D.any_flag(~torch.isfinite(total), self.dist, self.device):
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)
+        gnorm = self._clip_and_norm()
+        # the one per-step sync (after the all-reduce under DDP): never step on a non-finite loss or
+        # gradient. fp16: an inf gradient is the GradScaler's to skip (and lower its scale), as usual.
+        flags = [~torch.isfinite(total)]
+        if gnorm is not None and not self.scaler.is_enabled():
+            flags.append(~torch.isfinite(gnorm))
+        bad = D.any_flags(torch.stack(flags), self.dist, self.device)
+        if any(bad):
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler.is_enabled():
                 self.scaler.update(self.scaler.get_scale() * 0.5)
+            self._bad_what = "loss" if bad[0] else "gradient norm"
             return False, None
         self.scheduler.step_update(self.global_step)
-        if self.scaler.is_enabled():
-            self.scaler.unscale_(self.optimizer)
-        if cfg.clip_grad:
-            torch.nn.utils.clip_grad_norm_(self.model_raw.parameters(), cfg.clip_grad)
         if self.scaler.is_enabled():
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
+        if self.global_step in self.inf_update_steps:
+            with torch.no_grad():
+                next(self.model_raw.parameters()).view(-1)[0] = float("inf")
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self.model_raw, step=self.global_step)
         return True, (lm / k, ls / k, gnm, gns, n_img)
+
+    def _clip_and_norm(self) -> Tensor | None:
+        """The total gradient norm: the one clipping computes anyway, else computed on the device
+        (no host sync). None for fp16 without clipping: the GradScaler checks the gradient itself."""
+        params = [p for p in self.model_raw.parameters() if p.grad is not None]
+        if self.cfg.clip_grad:
+            return torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad)
+        if self.scaler.is_enabled():
+            return None
+        return torch.nn.utils.get_total_norm([p.grad for p in params])
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
@@ -398,7 +489,7 @@ class Trainer:
                     self.nonfinite_run += 1
                     self.acc["skipped"] += 1
                     if main:
-                        print(f"masksub train: non-finite loss at step {self.global_step} (epoch "
+                        print(f"masksub train: non-finite {self._bad_what} at step {self.global_step} (epoch "
                               f"{self.epoch + 1}); step skipped ({self.nonfinite_run} in a row)", file=sys.stderr)
                 self.global_step += 1
                 self.step_in_epoch += 1
@@ -406,12 +497,16 @@ class Trainer:
                 if self.nonfinite_run >= cfg.nonfinite_max:
                     bar.close()
                     first = self.global_step - self.nonfinite_run
-                    self.save()
+                    what = (f"the loss was not finite for {self.nonfinite_run} steps in a row (steps {first}"
+                            f"-{self.global_step - 1}); stopped at step {self.global_step - 1}")
+                    try:
+                        self.save()
+                    except TrainingStopped as e:  # the weights went bad before the losses did
+                        raise TrainingStopped(f"{what}; {e}") from None
                     raise TrainingStopped(
-                        f"the loss was not finite for {self.nonfinite_run} steps in a row (steps {first}"
-                        f"-{self.global_step - 1}); stopped at step {self.global_step - 1}. The weights in "
-                        f"{self.run_dir / 'last.pt'} are from before step {first} (no NaN was applied). "
-                        "Lower lr, raise warmup_epochs, set clip_grad, or use bf16 instead of fp16"
+                        f"{what}. The weights in {self.run_dir / 'last.pt'} are from before step {first} "
+                        "(no NaN was applied). Lower lr, raise warmup_epochs, set clip_grad, or use bf16 "
+                        "instead of fp16"
                     )
                 if self._win["n"] and self.global_step % cfg.log_every == 0:
                     rec = self._log_step()
@@ -458,6 +553,12 @@ class Trainer:
                               torch.tensor(float(self.acc["n"]), device=self.device)]).double()
         losses = D.all_sum(losses, self.dist)
         rec: dict[str, Any] = {"kind": "epoch", "epoch": self.epoch + 1, "step": self.global_step}
+        if losses[2].item() == 0:  # every step skipped: no loss to report, nothing was trained
+            self.save()
+            raise TrainingStopped(
+                f"no step of epoch {self.epoch + 1} had a finite loss or gradient ({self.acc['skipped']} "
+                f"skipped); nothing was trained in it. {self._intact()} (the weights before the epoch). "
+                "Check the data normalisation (mean / std) and lr")
         denom = max(losses[2].item(), 1.0)
         rec["loss_main"] = losses[0].item() / denom
         rec["loss_sub"] = (losses[1].item() / denom) if self.ms.branch is not None and not cfg.masking_only else None
@@ -521,12 +622,160 @@ class Trainer:
         return s
 
 
-def train(cfg: Config, *, resume: str | None = None, run_dir: str | None = None) -> dict[str, Any]:
+def train(cfg: Config, *, resume: str | None = None, run_dir: str | None = None,
+          overwrite: bool = False) -> dict[str, Any]:
     """Build, run, tear down: the whole ``masksub train``; returns the summary dict."""
     trainer = None
     try:
-        trainer = Trainer(cfg, resume=resume, run_dir=run_dir)
+        trainer = Trainer(cfg, resume=resume, run_dir=run_dir, overwrite=overwrite)
         return trainer.run()
     finally:
+        if trainer is not None:
+            trainer.close()
         D.teardown()
 
+
+
+# -- the run directory: one run, one process, a log that matches its checkpoint -------------------
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "summary.json", "config.yaml", "run.json")
+LOCK_FILE = ".masksub.lock"
+
+
+def _resolve_run_dir(cfg: Config, resume: str | None, run_dir: str | None) -> Path:
+    if run_dir:
+        return Path(run_dir)
+    if resume:
+        p = Path(resume)
+        return p if p.is_dir() else p.parent
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(cfg.output) / (cfg.run_name or f"{cfg.recipe or 'run'}-{cfg.sub}-{stamp}")
+
+
+def _check_run_dir(run_dir: Path, ck: dict[str, Any] | None, *, overwrite: bool) -> str:
+    """Refuse, before any work: a new run in a directory that holds one (unless ``overwrite``),
+    a directory that cannot be written, a checkpoint of another run. Returns the run's id."""
+    _check_writable(run_dir)  # nothing is made yet: an error later leaves no empty run directory
+    own = _read_run_id(run_dir)
+    if ck is None:
+        held = [n for n in RUN_FILES if (run_dir / n).exists()]
+        if held and not overwrite:
+            raise MaskSubError(
+                f"run directory {run_dir} already holds a run ({', '.join(held)}); continue it with: "
+                f"masksub train --resume {run_dir}; or start it again with --overwrite (deletes it), or "
+                "pick another --run-name")
+        return uuid.uuid4().hex
+    theirs = ck.get("run_id")
+    if own is not None and theirs is not None and own != theirs:
+        raise MaskSubError(
+            f"the checkpoint in {run_dir} belongs to another run (run id {theirs[:8]}, this directory's "
+            f"run is {own[:8]}; its config: {ck['config'].get('run_name') or ck['config'].get('recipe')!r}): "
+            "resume that run's own directory, or copy the checkpoint into an empty directory to continue it there")
+    return theirs or own or uuid.uuid4().hex
+
+
+def _check_writable(run_dir: Path) -> None:
+    """The run directory, or the nearest folder above it that exists, must be a writable folder."""
+    p = run_dir.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    why = ("is not a folder" if not p.is_dir() else
+           "is not writable" if not os.access(p, os.W_OK | os.X_OK) else None)
+    if why:
+        raise MaskSubError(f"cannot write the run directory {run_dir}: {p} {why}; choose another --output "
+                           "(or --run-name)")
+
+
+def _read_run_id(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / "run.json").read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _clear_run_dir(run_dir: Path) -> None:
+    """--overwrite: the old run's files go, so nothing of it mixes into the new one."""
+    import shutil
+
+    for n in RUN_FILES:
+        (run_dir / n).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "tb", ignore_errors=True)
+
+
+def _lock_run_dir(run_dir: Path) -> Any:
+    """An exclusive lock for the life of the run (released by the OS if the process dies);
+    None if another process holds it."""
+    f = open(run_dir / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        f.close()
+        if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            return None
+        raise
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def _locked_message(run_dir: Path) -> str:
+    try:
+        pid = (run_dir / LOCK_FILE).read_text().strip() or "?"
+    except OSError:
+        pid = "?"
+    return (f"another masksub process (pid {pid}) is training in {run_dir}; wait for it to end, or stop it "
+            f"(it writes a checkpoint) and then continue with: masksub train --resume {run_dir}")
+
+
+def _trim_metrics(run_dir: Path, ck: dict[str, Any]) -> None:
+    """Drop the lines logged after the checkpoint (a process killed between a log line and its
+    checkpoint): the resumed run logs them again."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+            after = r.get("step", 0) > ck["global_step"] or (r.get("kind") == "epoch" and r.get("epoch", 0) > ck["epoch"])
+        except (ValueError, AttributeError, TypeError):
+            after = True  # a line cut off by the kill
+        if after:
+            dropped += 1
+        else:
+            keep.append(line)
+    if dropped:
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in keep))
+        os.replace(tmp, path)
+        print(f"masksub train: dropped {dropped} line(s) of metrics.jsonl logged after the checkpoint "
+              f"(step {ck['global_step']}); they are logged again", file=sys.stderr)
+
+
+def _nonfinite_tensors(state: dict[str, Any]) -> list[str]:
+    """Names of the floating tensors in the model, EMA and optimizer state that are not finite:
+    one reduction on the device, one host sync per checkpoint."""
+    named: list[tuple[str, Tensor]] = []
+    for part in ("model", "ema"):
+        for k, v in (state.get(part) or {}).items():
+            if isinstance(v, Tensor) and v.is_floating_point():
+                named.append((f"{part}.{k}", v))
+    for i, st in (state.get("optimizer") or {}).get("state", {}).items():
+        for k, v in st.items():
+            if isinstance(v, Tensor) and v.is_floating_point():
+                named.append((f"optimizer.state.{i}.{k}", v))
+    if not named:
+        return []
+    ok = torch.stack([torch.isfinite(v).all().to(named[0][1].device) for _, v in named])
+    if bool(ok.all()):
+        return []
+    return [n for (n, _), good in zip(named, ok.tolist(), strict=True) if not good]
+
+
+def _check_threads(n: int) -> None:
+    """More threads than CPUs only slows a run down; far more makes OpenMP crash (segfault)."""
+    cpus = os.cpu_count() or 1
+    if n > cpus:
+        raise MaskSubError(f"threads={n} is more than this machine's {cpus} CPUs; use --threads {cpus} or "
+                           "fewer (0 keeps torch's default)")

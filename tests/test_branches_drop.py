@@ -28,10 +28,10 @@ def test_dropsub_sets_every_dropout_and_restores(make):
     model = make()
     before = dropout_rates(model)
     assert before
-    with sub_branch(model, "dropout", 0.3):
+    with sub_branch(model, "dropout", 0.3, scope="all"):
         assert set(dropout_rates(model).values()) == {0.3}
     assert dropout_rates(model) == before
-    with pytest.raises(KeyError), sub_branch(model, "dropout", 0.3):
+    with pytest.raises(KeyError), sub_branch(model, "dropout", 0.3, scope="all"):
         raise KeyError("inside")
     assert dropout_rates(model) == before
 
@@ -46,6 +46,43 @@ def test_dropsub_default_and_step_restores():
     ms.backward(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]), nn.CrossEntropyLoss())
     assert seen == [0.0, 0.2]  # main forward at the model's own rate, sub at p_sub
     assert dropout_rates(model) == before
+
+
+def test_dropsub_default_scope_is_the_residual_branch_dropouts():
+    """The authors' scope (augsub deit/models_v2.py: attn.proj_drop, mlp.drop): position,
+    attention-probability and head dropouts stay at the model's own rate."""
+    model = tiny_vit(img_size=32, drop_rate=0.1, pos_drop_rate=0.05, attn_drop_rate=0.05, depth=2)
+    before = dropout_rates(model)
+    with sub_branch(model, "dropout", 0.3):
+        now = dropout_rates(model)
+    raised = {n for n in now if now[n] != before[n]}
+    assert raised == {f"blocks.{i}.{d}" for i in range(2) for d in ("attn.proj_drop", "mlp.drop1", "mlp.drop2")}
+
+
+def test_dropsub_residual_scope_of_hf_bert():
+    model = tiny_bert(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    before = dropout_rates(model)
+    with sub_branch(model, "dropout", 0.3):
+        now = dropout_rates(model)
+    assert {n for n in now if now[n] != before[n]} == {
+        "bert.encoder.layer.0.attention.output.dropout", "bert.encoder.layer.0.output.dropout"}
+
+
+def test_dropsub_leaves_conv_placeholders_alone():
+    """timm EfficientViT has a Dropout(0) after every conv (43 in b0): raising them cost up to
+    3.2x a main forward; a model without residual-branch dropouts gets its head dropout only."""
+    import timm
+
+    model = timm.create_model("efficientvit_b0", pretrained=False, num_classes=3, drop_rate=0.1)
+    before = dropout_rates(model)
+    assert len(before) > 40
+    with sub_branch(model, "dropout", 0.3):
+        now = dropout_rates(model)
+    assert {n for n in now if now[n] != before[n]} == {"head.classifier.3"}
+    with sub_branch(model, "dropout", 0.3, scope="all"):
+        assert set(dropout_rates(model).values()) == {0.3}
+    with pytest.raises(MaskSubError, match="scope"):
+        MaskSub(model, "dropout", scope="every")
 
 
 def test_dropsub_needs_a_dropout():
@@ -186,3 +223,24 @@ def test_model_no_family_fits_names_families_and_hook():
         assert word in msg
     with pytest.raises(MaskSubError, match="mask_fn"):
         MaskSub(mlp, "mask", family="custom")
+
+
+def test_dropsub_residual_scope_keeps_attention_named_head():
+    """CaiT's TalkingHeadAttn is an attention, not a classifier head: its proj_drop is raised;
+    ConvNeXt's NormMlpClassifierHead dropout is not, nor the relative-position MLP's of ViT-relpos."""
+    import timm
+
+    cait = timm.create_model("cait_xxs24_224", pretrained=False, num_classes=3, depth=1, depth_token_only=1,
+                             embed_dim=32, num_heads=2, img_size=32, patch_size=8)
+    convnext = timm.create_model("convnext_atto", pretrained=False, num_classes=3, depths=(1, 1, 1, 1),
+                                 dims=(8, 8, 8, 8), drop_rate=0.1)
+    relpos = timm.create_model("vit_relpos_small_patch16_224", pretrained=False, num_classes=3, depth=1,
+                               embed_dim=32, num_heads=2, img_size=32)
+    for model, must, never in ((cait, "blocks.0.attn.proj_drop", None), (convnext, None, "head.drop"),
+                               (relpos, "blocks.0.mlp.drop1", "blocks.0.attn.rel_pos.mlp.drop1")):
+        before = dropout_rates(model)
+        with sub_branch(model, "dropout", 0.3):
+            now = dropout_rates(model)
+        raised = {n for n in now if now[n] != before[n]}
+        assert must is None or must in raised
+        assert never is None or never not in raised

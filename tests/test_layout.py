@@ -14,7 +14,7 @@ CORE = ["masksub", "masksub.errors", "masksub.loss", "masksub.step", "masksub.br
 ]
 # What the core must never pull in: the tools, the trainer, the integrations, and any library
 # beyond torch.
-FORBIDDEN = ("masksub.bench", "masksub.compare", "masksub.train", "masksub.integrations",
+FORBIDDEN = ("masksub.bench", "masksub.compare", "masksub.inspect", "masksub.train", "masksub.integrations",
              "masksub.cli", "timm", "transformers", "open_clip", "torchvision", "matplotlib", "yaml")
 
 
@@ -29,12 +29,13 @@ def test_core_module_loads_nothing_else(module):
 
 def test_top_level_is_the_core_only():
     assert {"MaskSub", "sub_branch", "relaxed_loss"} <= set(masksub.__all__)
-    assert not set(masksub.__all__) & {"bench", "compare", "train", "integrations", "cli"}
+    assert not set(masksub.__all__) & {"bench", "compare", "train", "integrations", "cli", "inspect"}
 
 
 def test_tool_subpackages_say_what_they_may_import():
     import masksub.bench
     import masksub.compare
+    import masksub.inspect
 
-    for pkg in (masksub.bench, masksub.compare):
+    for pkg in (masksub.bench, masksub.compare, masksub.inspect):
         assert pkg.__doc__ and "import" in pkg.__doc__, pkg.__name__

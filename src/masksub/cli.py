@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("masksub.bench.cli", "measure MaskSub's step cost against a plain training step"),
     "glue": ("masksub.integrations.glue", "finetune a Hugging Face model on a GLUE task"),
     "clip": ("masksub.integrations.clip_train", "train an open_clip model on image-text files"),
+    "inspect": ("masksub.inspect.cli", "show the sub-branch of a model per mode: family, cost, gradient ratio"),
 }
 
 

@@ -12,5 +12,5 @@ def check_ratio(ratio: float, what: str = "ratio", *, allow_zero: bool = True) -
     ratio = float(ratio)
     if not (0.0 <= ratio < 1.0) or (ratio == 0.0 and not allow_zero):
         lo = "[0, 1)" if allow_zero else "(0, 1)"
-        raise MaskSubError(f"{what} must be in {lo}, got {ratio}; e.g. 0.5 for masking, 0.2 for dropout, 0.1 for drop-path")
+        raise MaskSubError(f"{what} must be in {lo}, got {ratio:.6g}; e.g. 0.5 for masking, 0.2 for dropout, 0.1 for drop-path")
     return ratio

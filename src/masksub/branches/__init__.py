@@ -6,6 +6,8 @@ Families are tried in a fixed order; ``family=`` overrides, ``register_family`` 
 from __future__ import annotations
 
 import contextlib
+import inspect
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,14 +26,17 @@ from .base import (
 )
 from .custom import CustomMask
 from .drop import DropSub, PathSub
-from .mask_token import BeitMaskToken, MaskTokenFamily, SwinMaskToken
+from .mask_token import BeitMaskToken, MaskTokenFamily, RelPosMaskToken, SwinMaskToken
 from .pixel import PixelMask
+from .stem import StemMaskToken
 from .text import TextMask
-from .vit import ViTTokenRemoval
+from .vit import CaitTokenRemoval, HFViTTokenRemoval, HieraTokenRemoval, ViTTokenRemoval
 
 # Detection tries the last registered first: the CNN pixel fallback last, a model with its own
 # mask_ratio argument first.
-for _cls in (PixelMask, ViTTokenRemoval, MaskTokenFamily, BeitMaskToken, SwinMaskToken, TextMask, CustomMask):
+for _cls in (PixelMask, StemMaskToken, ViTTokenRemoval, HFViTTokenRemoval, CaitTokenRemoval, HieraTokenRemoval,
+             MaskTokenFamily,
+             BeitMaskToken, SwinMaskToken, RelPosMaskToken, TextMask, CustomMask):
     register_family(_cls)
 
 __all__ = [
@@ -50,10 +55,9 @@ def build_branch(model: nn.Module, mode: str = "mask", family: str | None = None
         raise MaskSubError(f"mode must be one of {MODES}, got {mode!r}")
     inner = unwrap(model)
     named = None if family is None else _ANY_MODEL.get(family) or get_family(family)  # typos fail
-    if mode == "dropout":
-        cls: type[Family] = DropSub
-    elif mode == "droppath":
-        cls = PathSub
+    if mode in _ANY_MODEL:
+        cls: type[Family] = _ANY_MODEL[mode]
+        options = _own_options(cls, mode, options)
     elif "mask_fn" in options:
         cls = get_family("custom")
     elif named is not None:
@@ -63,6 +67,16 @@ def build_branch(model: nn.Module, mode: str = "mask", family: str | None = None
     if mode not in cls.modes:
         raise MaskSubError(f"family {cls.name!r} does not support mode {mode!r}; it supports {cls.modes}")
     return cls(**options)
+
+
+def _own_options(cls: type[Family], mode: str, options: dict[str, Any]) -> dict[str, Any]:
+    """A mask family's options left in a config after switching to DropSub / PathSub (e.g.
+    ``tokenizer=``) do not apply: dropped with a warning, not refused."""
+    own = set(inspect.signature(cls.__init__).parameters) - {"self", "options"}
+    extra = sorted(k for k in options if k not in own)
+    if extra:
+        warnings.warn(f"mode={mode!r} ignores the masking option(s) {extra}", stacklevel=3)
+    return {k: v for k, v in options.items() if k in own}
 
 
 def prepare(model: nn.Module, mode: str = "mask", family: str | None = None, **options: Any) -> Family:
@@ -85,7 +99,7 @@ def sub_branch(model: nn.Module, mode: str = "mask", ratio: float | None = None,
         raise MaskSubError(f"family {branch.name!r} does not support mode {mode!r}; it supports {branch.modes}")
     r = resolve_ratio(mode, ratio, type(branch))
     inner = unwrap(model)
-    if not isinstance(branch, MaskTokenFamily):  # that one warns if it must add its token here
+    if not getattr(branch, "adds_parameters", False):  # those warn if they must add a token here
         branch.prepare(inner)
     branch.check(inner, r)
     with branch.apply(inner, r):

@@ -48,6 +48,7 @@ class Family:
     name: str = "family"
     modes: tuple[str, ...] = ("mask",)
     default_ratio: float = 0.5
+    adds_parameters: bool = False  # True: prepare() adds a mask token (before the optimizer)
 
     def __init__(self, **options: Any) -> None:
         if options:

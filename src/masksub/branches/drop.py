@@ -34,6 +34,70 @@ def _dropout_slots(model: nn.Module) -> list[tuple[nn.Module, str]]:
     return slots
 
 
+def _is_residual_dropout(parent_name: str, parent: nn.Module, leaf: str) -> bool:
+    """A dropout on the output of a residual branch: the attention projection (timm
+    ``attn.proj_drop``; Hugging Face ``*SelfOutput.dropout``) or the MLP (timm ``mlp.drop`` /
+    ``drop1`` / ``drop2``; Hugging Face ``*Output.dropout``, ``ffn.dropout``)."""
+    owner = parent_name.rsplit(".", 1)[-1].lower()
+    cls = type(parent).__name__
+    if owner.startswith("head") or cls.endswith("Head"):  # a classifier head's (timm NormMlpClassifierHead)
+        return False
+    if leaf == "proj_drop":
+        return "attn" in owner or "attention" in owner or "Attention" in cls
+    if leaf in ("drop", "drop1", "drop2", "dropout"):
+        if "mlp" in owner or "ffn" in owner or "Mlp" in cls or "FFN" in cls or "FeedForward" in cls:
+            return True
+    if leaf == "dropout" and "Embedding" not in cls:
+        # HF BERT: *SelfOutput / *Output.dropout; HF ViT (v5): *Layer.dropout on both branches
+        return cls.endswith("Output") or (cls.endswith("Layer") and hasattr(parent, "attention"))
+    return False
+
+
+def _is_conv_placeholder(parent: nn.Module) -> bool:
+    """A dropout beside a conv in a conv-norm-act unit (timm EfficientViT's ``Dropout(0)`` after
+    every conv): not a regulariser the model was designed with."""
+    return any(isinstance(c, nn.modules.conv._ConvNd) for c in parent.children())
+
+
+def _residual_dropout_slots(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """The authors' DropSub scope (naver-ai/augsub ``deit/models_v2.py``,
+    ``forward_features_dropout``: every block's ``attn.proj_drop.p`` and ``mlp.drop.p``): the
+    residual-branch dropouts. Position, attention-probability, head and ``Dropout(0)``
+    placeholder dropouts after convs are left alone."""
+    parents = dict(model.named_modules())
+    slots = []
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.modules.dropout._DropoutNd) or "." not in name:
+            continue
+        parent_name, leaf = name.rsplit(".", 1)
+        if any("pos" in part for part in parent_name.split(".")):  # a position-bias MLP (timm rel_pos.mlp)
+            continue
+        if _is_residual_dropout(parent_name, parents[parent_name], leaf):
+            slots.append((m, "p"))
+    return slots
+
+
+SCOPES = ("residual", "all")
+
+
+def dropout_slots(model: nn.Module, scope: str = "residual") -> tuple[list[tuple[nn.Module, str]], str]:
+    """The (module, attribute) rates DropSub raises, and the scope actually used: ``residual``
+    (the authors'), or ``all`` when asked for or when the model has no residual-branch dropout
+    (a CNN whose only dropout is its head's)."""
+    if scope == "residual":
+        slots = _residual_dropout_slots(model)
+        if slots:
+            return slots, "residual"
+        parents = dict(model.named_modules())
+        placeholders = {id(m) for n, m in model.named_modules() if "." in n
+                        and isinstance(m, nn.modules.dropout._DropoutNd)
+                        and _is_conv_placeholder(parents[n.rsplit(".", 1)[0]])}
+        slots = [(m, a) for m, a in _dropout_slots(model) if id(m) not in placeholders]
+        if slots:
+            return slots, "all but conv placeholders"
+    return _dropout_slots(model), "all"
+
+
 def _drop_path_attr(m: nn.Module) -> str | None:
     """The rate attribute of a drop-path module: timm / HF ``*DropPath.drop_prob``,
     torchvision ``StochasticDepth.p``."""
@@ -84,18 +148,28 @@ class DropPath(nn.Module):
 
 
 class DropSub(Family):
-    """Every dropout at ``p_sub`` (the ratio; paper 0.2) for the sub forward."""
+    """The residual-branch dropouts (attention projection, MLP) at ``p_sub`` (the ratio; paper
+    0.2) for the sub forward, as the authors' code does. ``scope="all"``: every dropout rate in
+    the model (position, attention, head, placeholders after convs too). A model without a
+    residual-branch dropout (a CNN with a head dropout) gets every dropout it has."""
 
     name = "dropout"
     modes = ("dropout",)
     default_ratio = 0.2
 
-    def __init__(self, **options: Any) -> None:
+    def __init__(self, scope: str = "residual", **options: Any) -> None:
         super().__init__(**options)
+        if scope not in SCOPES:
+            raise MaskSubError(f"DropSub scope must be one of {SCOPES}, got {scope!r}")
+        self.scope = scope
         self._slots = PerModel()
 
+    def slots(self, model: nn.Module) -> tuple[list[tuple[nn.Module, str]], str]:
+        """What the sub forward raises on ``model``, and the scope used (for ``masksub inspect``)."""
+        return self._slots.get(model, lambda m: dropout_slots(m, self.scope))
+
     def prepare(self, model: nn.Module) -> None:
-        if not self._slots.get(model, _dropout_slots):
+        if not self.slots(model)[0]:
             raise MaskSubError(
                 f"{type(model).__name__} has no dropout module for DropSub to raise; build it with "
                 "its dropout layers (timm: drop_rate / proj_drop_rate; HF: hidden_dropout_prob) or use mode='mask'"
@@ -106,7 +180,7 @@ class DropSub(Family):
 
     def apply(self, model: nn.Module, ratio: float) -> contextlib.AbstractContextManager:
         _require_train(model, "dropout")
-        return _set_rates((m, a, ratio) for m, a in self._slots.get(model, _dropout_slots))
+        return _set_rates((m, a, ratio) for m, a in self.slots(model)[0])
 
 
 def _drop_path_slots(model: nn.Module) -> tuple[list[tuple[nn.Module, str]], list[tuple[nn.Module, str]]]:
@@ -149,7 +223,7 @@ class PathSub(Family):
         paths, _ = self._slots.get(model, _drop_path_slots)
         bad = [getattr(m, a) for m, a in paths if getattr(m, a) + ratio >= 1.0]
         if bad:
-            raise MaskSubError(f"drop-path {max(bad)} + delta {ratio} reaches 1; use a smaller delta (ratio)")
+            raise MaskSubError(f"drop-path {max(bad):.4g} + delta {ratio:.4g} reaches 1; use a smaller delta (ratio)")
 
     def validate(self, model: nn.Module, x: Any) -> None:
         _require_train(model, "drop-path")

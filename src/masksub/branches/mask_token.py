@@ -75,6 +75,7 @@ class MaskTokenFamily(Family):
     """
 
     name = "vit_token"
+    adds_parameters = True
     region_px_default: int | None = None  # None: one patch
 
     def __init__(self, region_px: int | None = None, block: bool = False, **options: Any) -> None:
@@ -213,3 +214,14 @@ class SwinMaskToken(MaskTokenFamily):
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         return type(model).__name__.startswith("SwinTransformer") and hasattr(model, "patch_embed")
+
+
+class RelPosMaskToken(MaskTokenFamily):
+    """timm ``VisionTransformerRelPos``: relative position bias over a fixed token grid, so
+    tokens are replaced by a mask token (one patch per region, as BEiT), not removed. Cost 1x."""
+
+    name = "vit_relpos"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return type(model).__name__ == "VisionTransformerRelPos" and hasattr(model, "patch_embed")

@@ -23,10 +23,13 @@ def random_mask(batch: int, n: int, ratio: float, device: torch.device | str | N
     return mask
 
 
-def random_mask_among(eligible: Tensor, ratio: float) -> Tensor:
-    """Mask ``round(ratio * eligible_count)`` of the eligible positions of each row, no others."""
+def random_mask_among(eligible: Tensor, ratio: float, min_count: int = 0) -> Tensor:
+    """Mask ``round(ratio * eligible_count)`` (at least ``min_count`` where a row has that many)
+    of the eligible positions of each row, no others."""
     counts = eligible.sum(dim=1)
     k = torch.floor(counts.to(torch.float32) * ratio + 0.5).to(counts.dtype)
+    if min_count:
+        k = torch.maximum(k, counts.clamp(max=min_count))
     scores = torch.rand(eligible.shape, device=eligible.device)
     scores = scores.masked_fill(~eligible, 2.0)  # ineligible rank last
     ranks = scores.argsort(dim=1).argsort(dim=1)

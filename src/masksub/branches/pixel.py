@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from torch import Tensor, nn
@@ -47,26 +47,50 @@ class PixelMask(Family):
         return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
     def validate(self, model: nn.Module, x: Any) -> None:
-        if not isinstance(x, Tensor) or x.ndim != 4:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise MaskSubError(f"pixel masking takes NCHW image batches, got {shape}; pass mask_fn= for other inputs")
-        check_divisible(x.shape[-2], x.shape[-1], self.patch_size)
+        img = image_of(x)
+        if img is None or img.ndim != 4:
+            shape = tuple(img.shape) if isinstance(img, Tensor) else type(x).__name__
+            raise MaskSubError(
+                f"pixel masking takes NCHW image batches (or a dict with 'pixel_values'), got {shape}; "
+                "pass mask_fn= for other inputs")
+        check_divisible(img.shape[-2], img.shape[-1], self.patch_size)
 
     @contextlib.contextmanager
     def apply(self, model: nn.Module, ratio: float) -> Iterator[None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
-            return (mask_pixels(args[0], ratio, self.patch_size), *args[1:]), kwargs
+            if args:
+                return (mask_pixels(args[0], ratio, self.patch_size), *args[1:]), kwargs
+            if isinstance(kwargs.get("pixel_values"), Tensor):  # Hugging Face: model(pixel_values=x)
+                return args, {**kwargs, "pixel_values": mask_pixels(kwargs["pixel_values"], ratio, self.patch_size)}
+            raise MaskSubError(
+                f"pixel masking found no image in the call of {type(module).__name__} (no positional "
+                f"input, no pixel_values=; got {sorted(kwargs)}); pass mask_fn= for other inputs")
 
         with forward_pre_hook(model, hook):
             yield
+
+
+def image_of(x: Any) -> Tensor | None:
+    """The image tensor of a batch: the tensor itself, or a Hugging Face dict's ``pixel_values``."""
+    if isinstance(x, Tensor):
+        return x
+    if isinstance(x, Mapping) and isinstance(x.get("pixel_values"), Tensor):
+        return x["pixel_values"]
+    return None
 
 
 def check_divisible(h: int, w: int, patch_size: int) -> None:
     """The image must tile into whole mask squares; the message suggests a size that does."""
     if h % patch_size or w % patch_size:
         g = math.gcd(h, w)
-        hint = next((d for d in (32, 16, 14, 8, 7, 4, 2) if g % d == 0), 1)
+        hint = next((d for d in (32, 16, 14, 8) if g % d == 0), None)
+        size = f"{_nearest(h, patch_size)}x{_nearest(w, patch_size)}"
+        pick = f"pick a patch_size that divides both (e.g. {hint}) or " if hint else ""
         raise MaskSubError(
             f"image size {h}x{w} is not divisible by the mask patch_size {patch_size}; "
-            f"pick a patch_size that divides both (e.g. {hint}) or resize the images"
+            f"{pick}resize the images to a multiple of {patch_size} (e.g. {size})"
         )
+
+
+def _nearest(n: int, k: int) -> int:
+    return max(k, round(n / k) * k)

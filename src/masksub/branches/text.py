@@ -7,6 +7,7 @@ A forward pre-hook rewrites ``input_ids`` for the sub forward; special tokens ([
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -20,15 +21,23 @@ from .masks import random_mask_among
 
 class TextMask(Family):
     """Options: ``tokenizer=`` (a Hugging Face tokenizer) or ``mask_token_id=`` with
-    ``special_token_ids=`` (and ``pad_token_id=``)."""
+    ``special_token_ids=`` (and ``pad_token_id=``); ``min_masked=`` (default 0).
+
+    Each sequence is masked on its own, also in (batch, choices, tokens) multiple-choice input.
+    ``round(ratio * n)`` rounds half up, so at 15% a text of 3 or fewer real tokens gets no mask
+    at all; ``min_masked=1`` masks at least one token of every non-empty text.
+    """
 
     name = "text"
     default_ratio = 0.15
 
     def __init__(self, tokenizer: Any = None, mask_token_id: int | None = None,
                  special_token_ids: Iterable[int] | None = None, pad_token_id: int | None = None,
-                 **options: Any) -> None:
+                 min_masked: int = 0, **options: Any) -> None:
         super().__init__(**options)
+        if isinstance(min_masked, bool) or not isinstance(min_masked, int) or min_masked < 0:
+            raise MaskSubError(f"min_masked must be a non-negative int, got {min_masked!r}")
+        self.min_masked = min_masked
         if tokenizer is not None:
             mask_token_id = tokenizer.mask_token_id if mask_token_id is None else mask_token_id
             if special_token_ids is None:
@@ -48,7 +57,14 @@ class TextMask(Family):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return type(model).__module__.startswith("transformers.") and hasattr(getattr(model, "config", None), "vocab_size")
+        """A Hugging Face model that takes ``input_ids`` (not an image model whose config has a
+        ``vocab_size``, such as BEiT's)."""
+        if not (type(model).__module__.startswith("transformers.") and hasattr(getattr(model, "config", None), "vocab_size")):
+            return False
+        try:
+            return "input_ids" in inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            return False
 
     def validate(self, model: nn.Module, x: Any) -> None:
         if not (isinstance(x, dict) or hasattr(x, "keys")) or "input_ids" not in x:
@@ -60,7 +76,8 @@ class TextMask(Family):
         eligible = ~torch.isin(input_ids, self.special_ids)
         if attention_mask is not None:
             eligible &= attention_mask.bool()
-        m = random_mask_among(eligible, ratio)
+        # One row per sequence: (batch, choices, tokens) masks each choice on its own.
+        m = random_mask_among(eligible.reshape(-1, eligible.shape[-1]), ratio, self.min_masked).view(eligible.shape)
         return input_ids.masked_fill(m, self.mask_token_id)
 
     @contextlib.contextmanager

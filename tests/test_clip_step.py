@@ -55,12 +55,12 @@ def test_sub_image_tower_sees_class_token_plus_half_the_patches(model_name):
     assert isinstance(model.visual.patch_dropout, torch.nn.Identity)  # slot restored
 
 
-@pytest.mark.parametrize("text", ["shared", "detached"])
-def test_gradients_are_the_halved_sum_of_both_losses(model_name, text):
+@pytest.mark.parametrize("text,order", [("shared", "fused"), ("shared", "memory"), ("detached", "fused")])
+def test_gradients_are_the_halved_sum_of_both_losses(model_name, text, order):
     images, texts = pairs()
     model = make(model_name).train()
     torch.manual_seed(5)
-    ClipMaskSub(model, ratio=0.5, text=text).backward(images, texts)
+    ClipMaskSub(model, ratio=0.5, text=text, order=order).backward(images, texts)
     got = grads(model)
 
     ref = make(model_name).train()
@@ -135,3 +135,16 @@ def test_token_removal_module_is_reused_and_slot_restored(model_name):
             assert seen[-1].ratio == ratio
         assert model.visual.patch_dropout is original
     assert seen[0] is seen[1] and seen[0] is not original
+
+
+def test_open_clip_tower_is_a_core_family(model_name):
+    """The core detects open_clip's vision tower by its attributes (open_clip never imported there)."""
+    from masksub.branches import build_branch, sub_branch
+
+    model = make(model_name).train()
+    assert build_branch(model.visual, "mask").name == "open_clip_vit"
+    counts = []
+    model.visual.transformer.register_forward_pre_hook(lambda m, a: counts.append(a[0].shape[1]))
+    with sub_branch(model.visual, "mask", 0.75):
+        model.visual(pairs()[0])
+    assert counts == [1 + 4]  # class token + 16 patches * 0.25

@@ -110,3 +110,50 @@ def test_glue_cli_reports_missing_files(tmp_path, capsys):
     rc = main(["glue", "--task", "sst2", "--model", "unused", "--data-dir", str(tmp_path)])
     assert rc == 2
     assert "validation" in capsys.readouterr().err
+
+
+def test_glue_cli_original_mrpc_tsv_per_epoch_eval_keeps_best(tmp_path, model_path):
+    """GLUE's own MRPC files (Quality, #1 ID, #2 ID, #1 String, #2 String), evaluated every epoch."""
+    from masksub.cli import main
+
+    head = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+    rows = [f"{y}\t{i}\t{i + 100}\t{a}\t{b}\n" for i, ((a, y), (b, _)) in enumerate(zip(SST, SST[::-1], strict=True))]
+    for name in ("train.tsv", "dev.tsv"):
+        (tmp_path / name).write_text(head + "".join(rows))
+    out = tmp_path / "out"
+    rc = main(["glue", "--task", "mrpc", "--model", model_path, "--data-dir", str(tmp_path), "--epochs", "2",
+               "--batch-size", "8", "--out", str(out), "--cpu", "--max-length", "24"])
+    assert rc == 0
+    res = json.loads((out / "metrics.json").read_text())
+    assert [e["epoch"] for e in res["per_epoch"]] == [1.0, 2.0]
+    best = max(res["per_epoch"], key=lambda e: e["accuracy"])
+    assert res["metrics"]["accuracy"] == pytest.approx(best["accuracy"])  # the kept model is the best one
+    assert not list(out.glob("checkpoint-*"))
+
+
+def test_glue_mnli_reports_matched_and_mismatched_from_original_files(tmp_path, model_path):
+    from masksub.cli import main
+    from masksub.integrations.glue import read_tsv
+
+    head = "index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t" \
+           "sentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label\n"
+    labels = ["entailment", "neutral", "contradiction"]
+    rows = [f"{i}\t0\t0\tfiction\t-\t-\t-\t-\t{a}\t{b}\t{labels[i % 3]}\t{labels[i % 3]}\n"
+            for i, ((a, _), (b, _)) in enumerate(zip(SST, SST[::-1], strict=True))]
+    for name in ("train.tsv", "dev_matched.tsv", "dev_mismatched.tsv"):
+        (tmp_path / name).write_text(head + "".join(rows))
+    assert [r["label"] for r in read_tsv("mnli", tmp_path / "train.tsv")][:3] == [0, 1, 2]  # the hub's ids
+    out = tmp_path / "out"
+    rc = main(["glue", "--task", "mnli", "--model", model_path, "--data-dir", str(tmp_path), "--max-steps", "1",
+               "--batch-size", "8", "--out", str(out), "--cpu", "--max-length", "24"])
+    assert rc == 0
+    res = json.loads((out / "metrics.json").read_text())
+    assert set(res["metrics"]) == {"m_accuracy", "mm_accuracy"}
+
+
+def test_glue_cola_headerless_original_file(tmp_path):
+    from masksub.integrations.glue import read_tsv
+
+    (tmp_path / "train.tsv").write_text("gj04\t1\t\tthe cat sat .\ngj04\t0\t*\tcat the sat .\n")
+    assert read_tsv("cola", tmp_path / "train.tsv") == [{"sentence": "the cat sat .", "label": 1},
+                                                         {"sentence": "cat the sat .", "label": 0}]

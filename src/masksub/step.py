@@ -47,9 +47,12 @@ def default_forward(model: nn.Module, x: Any) -> Tensor:
 
 
 def logits_of(out: Any) -> Tensor:
+    """The logits of a model output: a tensor, an object or dict with ``logits`` (Hugging Face
+    ``ModelOutput``), or a tuple whose first item is the logits. The one helper every
+    integration uses."""
     if isinstance(out, Tensor):
         return out
-    logits = getattr(out, "logits", None)
+    logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
     if isinstance(logits, Tensor):
         return logits
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):

@@ -106,6 +106,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "pieces timed alone: part_main, part_sub, part_opt")
     parser.add_argument("--compile", nargs="?", const="on", choices=("off", "on", "both"), default=None,
                         help="torch.compile the model: on, off or both (flag alone: on)")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend (default inductor; 'eager' only traces: a quick CPU "
+                             "rehearsal of the compiled rows, not a timing)")
     parser.add_argument("--batch", type=str, default=None,
                         help="batch for every model (e.g. 64) or per model (vit_b=128,vit_l=32)")
     parser.add_argument("--family", default=None,
@@ -257,7 +260,8 @@ def build(setting: Setting, base: torch.nn.Module, x: torch.Tensor, y: torch.Ten
         return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, fused=fused)
 
     step = make_step(setting.variant, model, x, y, mode=setting.mode or "mask", order=setting.order or "memory",
-                     ratio=args.ratio, compile=setting.compile, amp_dtype=amp, make_optimizer=make_opt,
+                     ratio=args.ratio, compile=setting.compile,
+                     compile_backend=getattr(args, "compile_backend", "inductor"), amp_dtype=amp, make_optimizer=make_opt,
                      family=setting.family)
     key = (setting.model, setting.variant, setting.mode, setting.order, setting.family, x.shape[0])
     if key not in flop_cache:
@@ -496,7 +500,7 @@ def main(args: argparse.Namespace) -> int:
                 steps=args.steps, warmup=args.warmup, stat=args.stat, interleave=args.interleave,
                 peak_tflops=peak, torch=torch.__version__,
                 python=platform.python_version(), threads=torch.get_num_threads(), argv=sys.argv[1:],
-                drop_path=args.drop_path, ratio=args.ratio, optimizer="AdamW fused" if gpu else "AdamW")
+                drop_path=args.drop_path, ratio=args.ratio, compile_backend=args.compile_backend, optimizer="AdamW fused" if gpu else "AdamW")
     try:
         import timm
 

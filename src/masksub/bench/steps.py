@@ -160,9 +160,11 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
 
 def make_step(variant: str, model: nn.Module, x: Tensor, y: Tensor, *, mode: str = "mask",
               order: str = "memory", ratio: float | None = None, compile: bool = False,
-              amp_dtype: torch.dtype | None = torch.bfloat16, family: str | None = None,
+              compile_backend: str = "inductor", amp_dtype: torch.dtype | None = torch.bfloat16, family: str | None = None,
               make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]) -> Step:
-    """Wire ``variant`` around ``model``; the optimizer is built after any parameter is added."""
+    """Wire ``variant`` around ``model``; the optimizer is built after any parameter is added.
+    ``compile_backend``: inductor for timings; ``eager`` only traces (a CPU rehearsal of the
+    compiled rows' graphs and checks without code generation)."""
     from ..step import MaskSub
 
     dev = x.device
@@ -170,7 +172,7 @@ def make_step(variant: str, model: nn.Module, x: Tensor, y: Tensor, *, mode: str
     ac = (lambda: _autocast(dev, amp_dtype))  # noqa: E731
 
     if variant == "standard":
-        fast = torch.compile(model) if compile else model
+        fast = torch.compile(model, backend=compile_backend) if compile else model
         params = list(model.parameters())
         opt = make_optimizer(params)
 
@@ -191,7 +193,7 @@ def make_step(variant: str, model: nn.Module, x: Tensor, y: Tensor, *, mode: str
             raise MaskSubError("the paper-recipe reference is for mode 'mask' only")
         r = 0.5 if ratio is None else ratio
         ref = PaperRecipeModel(model).to(dev)
-        fast = torch.compile(ref) if compile else ref
+        fast = torch.compile(ref, backend=compile_backend) if compile else ref
         params = list(ref.parameters())
         opt = make_optimizer(params)
 
@@ -213,7 +215,7 @@ def make_step(variant: str, model: nn.Module, x: Tensor, y: Tensor, *, mode: str
         return Step(run, lambda: body(ref), lambda: ref(x), lambda: ref(x, mask_ratio=r), params)
 
     if variant in ("masksub", "off"):
-        fast = torch.compile(model) if compile else model
+        fast = torch.compile(model, backend=compile_backend) if compile else model
         on = variant == "masksub"
         kw: dict[str, Any] = dict(mode=mode, ratio=ratio, order=order, family=family) if on else dict(mode=None)
         ms = MaskSub(fast, amp_dtype=amp_dtype, **kw)  # may add a mask token: before the optimizer
@@ -244,7 +246,7 @@ def make_step(variant: str, model: nn.Module, x: Tensor, y: Tensor, *, mode: str
                 opt.step()
 
             return Step(run_opt, lambda: None, lambda: model(x), None, params)
-        net = torch.compile(model) if compile else model
+        net = torch.compile(model, backend=compile_backend) if compile else model
         with torch.no_grad(), ac():
             target = model(x).float()  # the main branch's logits, fixed
 

@@ -30,7 +30,13 @@ from .mask_token import BeitMaskToken, MaskTokenFamily, RelPosMaskToken, SwinMas
 from .pixel import PixelMask
 from .stem import StemMaskToken
 from .text import TextMask
-from .vit import CaitTokenRemoval, HFViTTokenRemoval, HieraTokenRemoval, ViTTokenRemoval
+from .vit import (
+    CaitTokenRemoval,
+    HFViTTokenRemoval,
+    HieraTokenRemoval,
+    OpenClipTokenRemoval,
+    ViTTokenRemoval,
+)
 
 # Detection tries the last registered first: the CNN pixel fallback last, a model with its own
 # mask_ratio argument first.
@@ -38,6 +44,7 @@ for _cls in (PixelMask, StemMaskToken, ViTTokenRemoval, HFViTTokenRemoval, CaitT
              MaskTokenFamily,
              BeitMaskToken, SwinMaskToken, RelPosMaskToken, TextMask, CustomMask):
     register_family(_cls)
+register_family(OpenClipTokenRemoval)  # open_clip's vision tower, detected by its attributes
 
 __all__ = [
     "MODES", "Family", "DropSub", "PathSub", "build_branch", "detect_family", "family_names",

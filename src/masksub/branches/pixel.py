@@ -47,13 +47,7 @@ class PixelMask(Family):
         return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
     def validate(self, model: nn.Module, x: Any) -> None:
-        img = image_of(x)
-        if img is None or img.ndim != 4:
-            shape = tuple(img.shape) if isinstance(img, Tensor) else type(x).__name__
-            raise MaskSubError(
-                f"pixel masking takes NCHW image batches (or a dict with 'pixel_values'), got {shape}; "
-                "pass mask_fn= for other inputs")
-        check_divisible(img.shape[-2], img.shape[-1], self.patch_size)
+        check_image_batch(x, "pixel masking", self.patch_size)
 
     @contextlib.contextmanager
     def apply(self, model: nn.Module, ratio: float) -> Iterator[None]:
@@ -77,6 +71,17 @@ def image_of(x: Any) -> Tensor | None:
     if isinstance(x, Mapping) and isinstance(x.get("pixel_values"), Tensor):
         return x["pixel_values"]
     return None
+
+
+def check_image_batch(x: Any, what: str, patch_size: int) -> None:
+    """The batch must be NCHW images (or a Hugging Face dict of them) that tile into whole squares."""
+    img = image_of(x)
+    if img is None or img.ndim != 4:
+        shape = tuple(img.shape) if isinstance(img, Tensor) else type(x).__name__
+        raise MaskSubError(
+            f"{what} takes NCHW image batches (or a dict with 'pixel_values'), got {shape}; "
+            "pass mask_fn= for other inputs")
+    check_divisible(img.shape[-2], img.shape[-1], patch_size)
 
 
 def check_divisible(h: int, w: int, patch_size: int) -> None:

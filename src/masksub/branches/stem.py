@@ -27,7 +27,7 @@ from ..errors import MaskSubError
 from .base import Family, PerModel
 from .mask_token import TOKEN_NAME, ensure_mask_token
 from .masks import random_mask
-from .pixel import check_divisible, image_of
+from .pixel import check_image_batch
 
 STEM_SLOTS = ("stem", "embeddings")  # timm; Hugging Face ConvNeXt / ConvNeXtV2 (model.convnext.embeddings)
 
@@ -146,13 +146,7 @@ class StemMaskToken(Family):
         ensure_mask_token(model, self._stem(model)[1])
 
     def validate(self, model: nn.Module, x: Any) -> None:
-        img = image_of(x)
-        if img is None or img.ndim != 4:
-            shape = tuple(img.shape) if isinstance(img, Tensor) else type(x).__name__
-            raise MaskSubError(
-                f"the stem sub-branch takes NCHW image batches (or a dict with 'pixel_values'), got {shape}; "
-                "pass mask_fn= for other inputs")
-        check_divisible(img.shape[-2], img.shape[-1], self.region_px)
+        check_image_batch(x, "the stem sub-branch", self.region_px)
 
     def _make(self, model: nn.Module) -> MaskedStem:
         slot, dim = self._stem(model)

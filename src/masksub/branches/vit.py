@@ -236,3 +236,33 @@ class HieraTokenRemoval(Family):
             yield
         finally:
             model.patch_drop_rate = old
+
+
+class OpenClipTokenRemoval(ViTTokenRemoval):
+    """open_clip's ``VisionTransformer`` tower (detected by its attributes; open_clip is never
+    imported): the same token removal in its own ``patch_dropout`` slot, which it applies right
+    after the position embedding, class token first, in train mode."""
+
+    name = "open_clip_vit"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return all(hasattr(model, a) for a in ("patch_dropout", "positional_embedding", "conv1", "transformer"))
+
+    def validate(self, model: nn.Module, x: Any) -> None:
+        return None  # the tower checks its own input size
+
+    @staticmethod
+    def _make_removal(model: nn.Module) -> TokenRemoval:
+        return TokenRemoval(0.0, 0 if getattr(model, "class_embedding", None) is None else 1)
+
+    @contextlib.contextmanager
+    def apply(self, model: nn.Module, ratio: float) -> Iterator[None]:
+        old = model.patch_dropout
+        removal = self._removal.get(model, self._make_removal)
+        removal.ratio = ratio
+        model.patch_dropout = removal
+        try:
+            yield
+        finally:
+            model.patch_dropout = old

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,48 +28,43 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..branches import resolve_ratio, sub_branch, unwrap
-from ..branches.vit import TokenRemoval
+from ..branches import resolve_ratio, unwrap
+from ..branches.vit import OpenClipTokenRemoval, ViTTokenRemoval
 from ..errors import MaskSubError
 from ..loss import relaxed_loss
 from ..step import ddp_no_sync, model_autocast
 
 TEXT_MODES = ("shared", "detached")
-_REMOVALS: weakref.WeakKeyDictionary[nn.Module, TokenRemoval] = weakref.WeakKeyDictionary()
+ORDERS = ("fused", "memory")
 
 
 @contextlib.contextmanager
 def masked_image_tower(model: nn.Module, ratio: float = 0.5) -> Iterator[nn.Module]:
     """Inside, the model's vision tower keeps the class token and ``1 - ratio`` of the patches.
 
-    open_clip ``VisionTransformer``: its ``patch_dropout`` slot (applied right after the
-    position embedding, active in train mode only) holds a ``TokenRemoval``. A timm vision
-    tower (``TimmModel``) goes through the core's "vit" family on its ``trunk``.
+    Both kinds of tower go through a core family: open_clip's ``VisionTransformer`` through
+    "open_clip_vit" (its ``patch_dropout`` slot), a timm tower (``TimmModel``) through "vit" on
+    its ``trunk`` (timm's ``patch_drop``).
     """
     visual = getattr(unwrap(model), "visual", None)
     if visual is None:
         raise MaskSubError(f"{type(unwrap(model)).__name__} has no .visual tower; pass an open_clip CLIP model")
-    if hasattr(visual, "patch_dropout") and hasattr(visual, "positional_embedding"):
-        old = visual.patch_dropout
-        prefix = 0 if getattr(visual, "class_embedding", None) is None else 1
-        removal = _REMOVALS.get(visual)
-        if removal is None:  # one module per tower: a compiled graph sees the same one each step
-            removal = _REMOVALS[visual] = TokenRemoval(ratio, prefix)
-        removal.ratio, removal.num_prefix_tokens = ratio, prefix
-        visual.patch_dropout = removal
-        try:
-            yield model
-        finally:
-            visual.patch_dropout = old
-    elif hasattr(getattr(visual, "trunk", None), "patch_drop"):
-        with sub_branch(visual.trunk, "mask", ratio, family="vit"):
-            yield model
+    if OpenClipTokenRemoval.matches(visual):
+        tower, family = visual, _OPEN_CLIP
+    elif ViTTokenRemoval.matches(getattr(visual, "trunk", None)):
+        tower, family = visual.trunk, _TIMM
     else:
         raise MaskSubError(
             f"cannot remove image tokens in {type(visual).__name__}: masksub supports open_clip's "
             "VisionTransformer (patch_dropout slot) and timm ViT towers (trunk.patch_drop); ModifiedResNet "
             "towers have no tokens to drop"
         )
+    with family.apply(tower, ratio):
+        yield model
+
+
+# One family object per kind: each keeps one removal module per tower (compiled graphs see the same one).
+_OPEN_CLIP, _TIMM = OpenClipTokenRemoval(), ViTTokenRemoval()
 
 
 @dataclass
@@ -107,13 +101,21 @@ class ClipMaskSub:
 
     def __init__(self, model: nn.Module, mode: str | None = "mask", ratio: float | None = None, *,
                  text: str = "shared", loss: nn.Module | None = None, main_weight: float = 0.5,
-                 sub_weight: float = 0.5, amp_dtype: torch.dtype | None = None) -> None:
+                 sub_weight: float = 0.5, amp_dtype: torch.dtype | None = None, order: str = "fused") -> None:
         import open_clip
 
         if mode not in (None, "none", "mask"):
             raise MaskSubError(f"the CLIP step supports mode 'mask' or 'none', got {mode!r}")
         if text not in TEXT_MODES:
             raise MaskSubError(f"text must be one of {TEXT_MODES}, got {text!r}")
+        if order not in ORDERS:
+            raise MaskSubError(f"order must be one of {ORDERS}, got {order!r}")
+        if text == "detached" and hasattr(model, "no_sync") and not getattr(model, "find_unused_parameters", True):
+            raise MaskSubError(
+                "text='detached' leaves the text tower out of the sub-branch's backward, which DDP built with "
+                "find_unused_parameters=False waits for forever: use text='shared' with order='memory' (same "
+                "peak memory order, every parameter in the one synced backward)"
+            )
         self.loss_fn = loss if loss is not None else open_clip.ClipLoss()
         if not (hasattr(self.loss_fn, "get_logits") and hasattr(self.loss_fn, "get_ground_truth")):
             raise MaskSubError("loss must be an open_clip.ClipLoss (or subclass): its get_logits is reused")
@@ -126,6 +128,7 @@ class ClipMaskSub:
         if self.mode is None and ratio is not None:
             raise MaskSubError("mode='none' has no sub-branch: drop ratio or set mode='mask'")
         self.text = text
+        self.order = order
         self.main_weight, self.sub_weight = float(main_weight), float(sub_weight)
         self.amp_dtype = amp_dtype
         self._check_tower()
@@ -152,39 +155,51 @@ class ClipMaskSub:
 
     def backward(self, images: Tensor, texts: Tensor, *, scaler: torch.amp.GradScaler | None = None,
                  sync: bool = True, loss_scale: float = 1.0) -> ClipStepOutput:
-        """Main and sub forward + backward; the gradients of both losses end summed in ``.grad``."""
+        """Main and sub forward + backward; the gradients of both losses end summed in ``.grad``.
+
+        Under DDP only the sub forward runs outside ``no_sync()`` (DDP arms its all-reduce at
+        forward time), so the gradients are all-reduced once per step, as in a plain CLIP step;
+        ``sync=False`` keeps that one off too (gradient accumulation).
+        """
         model = self.model
 
-        def bw(loss: Tensor) -> None:
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+        def scaled(loss: Tensor) -> Tensor:
+            return scaler.scale(loss) if scaler is not None else loss
 
-        with ddp_no_sync(model, not sync):
-            with self._autocast():
+        if self.mode is None:
+            with ddp_no_sync(model, not sync), self._autocast():
                 img, txt, scale, bias = clip_features(model, images, texts)
                 main = self.logits(img, txt, scale, bias)
                 loss_main = self.contrastive(*main)
+            scaled(loss_main * loss_scale).backward()
+            lm = loss_main.detach()
+            return ClipStepOutput(lm, None, lm, main[0].detach())
+        wm, ws = self.main_weight * loss_scale, self.sub_weight * loss_scale
+        split = self.order == "memory" or self.text == "detached"
+        with ddp_no_sync(model):
+            with self._autocast():
+                img, txt, scale, bias = clip_features(model, images, texts)
+                # memory order: the text features become a leaf, so the main backward frees the
+                # image tower's graph and leaves the text tower's for the one backward at the end
+                leaf = split and self.text == "shared"
+                txt_main = txt.detach().requires_grad_() if leaf else txt
+                main = self.logits(img, txt_main, scale, bias)
+                loss_main = self.contrastive(*main)
             main_d = (main[0].detach(), main[1].detach())
-            if self.mode is None:
-                bw(loss_main * loss_scale)
-                return ClipStepOutput(loss_main.detach(), None, loss_main.detach(), main_d[0])
-            wm, ws = self.main_weight * loss_scale, self.sub_weight * loss_scale
-            if self.text == "shared":
-                with self._autocast(), masked_image_tower(model, self.ratio):
-                    img_s, _, scale_s, bias_s = clip_features(model, images, None)
-                    sub = self.logits(img_s, txt, scale_s, bias_s)
-                loss_sub = self.relaxed(sub, main_d)
-                bw(loss_main * wm + loss_sub * ws)
+            if split:
+                scaled(loss_main * wm).backward()
+                del img, main
+        with ddp_no_sync(model, not sync):
+            with self._autocast(), masked_image_tower(model, self.ratio):
+                img_s, _, scale_s, bias_s = clip_features(model, images, None)
+                sub = self.logits(img_s, txt.detach() if self.text == "detached" else txt, scale_s, bias_s)
+            loss_sub = self.relaxed(sub, main_d)
+            if not split:  # fused: one backward of the weighted sum
+                scaled(loss_main * wm + loss_sub * ws).backward()
+            elif self.text == "shared":  # one backward: sub-branch + text tower (both branches' gradient)
+                torch.autograd.backward([scaled(loss_sub * ws), txt], [None, txt_main.grad])
             else:
-                txt_d = txt.detach()
-                # memory order: free the main graph before the masked forward
-                with ddp_no_sync(model, sync):
-                    bw(loss_main * wm)
-                del img, txt, main
-                with self._autocast(), masked_image_tower(model, self.ratio):
-                    img_s, _, scale_s, bias_s = clip_features(model, images, None)
-                    sub = self.logits(img_s, txt_d, scale_s, bias_s)
-                loss_sub = self.relaxed(sub, main_d)
-                bw(loss_sub * ws)
+                scaled(loss_sub * ws).backward()
         lm, ls = loss_main.detach(), loss_sub.detach()
         return ClipStepOutput(lm, ls, lm * self.main_weight + ls * self.sub_weight, main_d[0])
 
@@ -196,5 +211,5 @@ def clamp_logit_scale(model: nn.Module, max_scale: float = 100.0) -> None:
         inner.logit_scale.clamp_(0, math.log(max_scale))
 
 
-__all__ = ["ClipMaskSub", "ClipStepOutput", "TEXT_MODES", "clamp_logit_scale", "clip_features",
+__all__ = ["ORDERS", "ClipMaskSub", "ClipStepOutput", "TEXT_MODES", "clamp_logit_scale", "clip_features",
            "masked_image_tower"]

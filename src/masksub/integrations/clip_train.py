@@ -6,7 +6,11 @@ column (``filepath``, ``image``, ``path`` or ``--img-key``) and a caption column
 ``NAME.jpg|png|...`` + ``NAME.txt`` pairs. Model: an open_clip name (``ViT-B-32``) or a JSON
 model config file (``{"embed_dim": ..., "vision_cfg": {...}, "text_cfg": {...}}``); weights from
 ``--pretrained`` (an open_clip tag or a local file) or random. Writes ``OUT/log.jsonl`` and
-``OUT/checkpoint.pt`` (every epoch; ``--resume`` continues from it).
+``OUT/checkpoint.pt`` (every epoch and at ``--max-steps``; ``--resume`` continues from it exactly,
+mid-epoch included). The checkpoint has open_clip_train's layout (``state_dict`` + trainer state),
+so ``--pretrained OUT/checkpoint.pt`` and ``open_clip.create_model(name, pretrained=...)`` load it.
+Under ``torchrun`` each process trains its share of the data in DDP; the contrastive loss is
+``open_clip.ClipLoss`` with the features of every rank gathered, as open_clip_train does.
 """
 
 from __future__ import annotations
@@ -38,13 +42,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", default="shared", choices=["shared", "detached"],
                    help="sub-branch text features: shared with the main graph (default) or detached")
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--max-steps", type=int, default=0, help="stop after N steps (0: all epochs)")
+    p.add_argument("--max-steps", type=int, default=0,
+                   help="stop after N optimizer steps, checkpointed; --resume continues exactly (0: all epochs)")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimizer step (each its own contrastive batch, one all-reduce)")
+    p.add_argument("--order", default="fused", choices=["fused", "memory"],
+                   help="memory: main backward first (text='shared'), lower peak memory, same gradient")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--wd", type=float, default=0.2)
     p.add_argument("--warmup", type=int, default=100, help="warm-up steps before cosine decay")
     p.add_argument("--grad-clip", type=float, default=0.0)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="fp16 adds a GradScaler")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--img-key", default=None)
@@ -152,9 +161,33 @@ def retrieval_top1(model: torch.nn.Module, loader: Any, device: torch.device) ->
             "t2i_top1": float((sim.argmax(0) == target).float().mean())}
 
 
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """This rank's share of one epoch's permutation (seeded by seed and epoch, so a resumed run
+    draws the same order), from sample ``start`` on: a resume continues mid-epoch exactly."""
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.n, self.seed, self.rank, self.world = n, seed, rank, world
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def _mine(self) -> list[int]:
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
+        return perm[self.rank::self.world].tolist()
+
+    def __iter__(self):
+        return iter(self._mine()[self.start:])
+
+    def __len__(self) -> int:
+        return max(0, len(self._mine()) - self.start)
+
+
 def main(args: argparse.Namespace) -> int:
     import open_clip
+    from torch.nn.parallel import DistributedDataParallel
 
+    from ..train import distributed
     from .clip import ClipMaskSub, clamp_logit_scale
 
     out = Path(args.out)
@@ -163,26 +196,47 @@ def main(args: argparse.Namespace) -> int:
     val_pairs = read_pairs(args.val_data, args.img_key, args.caption_key) if args.val_data else None
     if args.batch_size < 2 or len(train_pairs) < 2:
         raise MaskSubError("contrastive training needs at least 2 pairs per batch")
+    if args.grad_accum < 1:
+        raise MaskSubError(f"--grad-accum must be >= 1, got {args.grad_accum}")
     ckpt_path = out / "checkpoint.pt"
     if args.resume and not ckpt_path.is_file():
         raise MaskSubError(f"--resume: no checkpoint at {ckpt_path}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    d, device = distributed.setup(args.device or "auto")
+    try:
+        return _train(args, out, name, train_pairs, val_pairs, ckpt_path, d, device, open_clip,
+                      DistributedDataParallel, ClipMaskSub, clamp_logit_scale)
+    finally:
+        distributed.teardown()
+
+
+def _train(args: argparse.Namespace, out: Path, name: str, train_pairs: list, val_pairs: list | None,
+           ckpt_path: Path, d: Any, device: torch.device, open_clip: Any, DDP: Any, ClipMaskSub: Any,
+           clamp_logit_scale: Any) -> int:
+    from ..train import distributed
+
     torch.manual_seed(args.seed)
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
         name, pretrained=args.pretrained, device=device)
     tokenizer = open_clip.get_tokenizer(name)
-    amp = torch.bfloat16 if args.precision == "bf16" else None
-    ms = ClipMaskSub(model, mode=args.sub, ratio=args.ratio, text=args.text, amp_dtype=amp)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
+    # open_clip's own loss; under torchrun it gathers the features of every rank (open_clip_train's default)
+    loss = open_clip.ClipLoss(rank=d.rank, world_size=d.world)
+    net = DDP(model, find_unused_parameters=args.text == "detached") if d.enabled else model
+    ms = ClipMaskSub(net, mode=args.sub, ratio=args.ratio, text=args.text, amp_dtype=amp, loss=loss,
+                     order=args.order)
+    sampler = EpochSampler(len(train_pairs), args.seed, d.rank, d.world)
+    per_rank = len(train_pairs) // d.world
+    drop_last = per_rank >= 2 * args.batch_size
     train_loader = torch.utils.data.DataLoader(
-        PairDataset(train_pairs, preprocess_train, tokenizer), batch_size=args.batch_size, shuffle=True,
-        drop_last=len(train_pairs) >= 2 * args.batch_size, num_workers=args.workers,
-        generator=torch.Generator().manual_seed(args.seed))
+        PairDataset(train_pairs, preprocess_train, tokenizer), batch_size=args.batch_size, sampler=sampler,
+        drop_last=drop_last, num_workers=args.workers)
     val_loader = None if val_pairs is None else torch.utils.data.DataLoader(
         PairDataset(val_pairs, preprocess_val, tokenizer), batch_size=args.batch_size, num_workers=args.workers)
     opt = torch.optim.AdamW(param_groups(model, args.wd), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
-    total = len(train_loader) * args.epochs
-    if args.max_steps:
-        total = min(total, args.max_steps)
+    batches = per_rank // args.batch_size if drop_last else math.ceil(per_rank / args.batch_size)
+    steps_per_epoch = max(1, batches // args.grad_accum)
+    total = steps_per_epoch * args.epochs  # the schedule; --max-steps only stops early (resumable)
 
     def lr_at(step: int) -> float:
         if step < args.warmup:
@@ -190,45 +244,87 @@ def main(args: argparse.Namespace) -> int:
         return 0.5 * (1 + math.cos(math.pi * (step - args.warmup) / max(1, total - args.warmup)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    start_epoch, step = 0, 0
+    step = 0
     if args.resume:
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["state_dict"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        start_epoch, step = state["epoch"], state["step"]
-    out.mkdir(parents=True, exist_ok=True)
-    log = open(out / "log.jsonl", "a")
-    model.train()
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        step = int(state["step"])
+        rng = state.get("rng")
+        if rng is not None and len(rng) == d.world:
+            torch.set_rng_state(rng[d.rank].cpu())
+
+    def save(epoch_done: int) -> None:
+        rngs = [torch.get_rng_state()]
+        if d.enabled:
+            rngs = [torch.empty_like(rngs[0]) for _ in range(d.world)]
+            torch.distributed.all_gather_object(rngs, torch.get_rng_state())
+        if d.main:  # open_clip_train's layout: open_clip.create_model(pretrained=this file) loads it
+            tmp = ckpt_path.with_suffix(".tmp")
+            torch.save({"state_dict": model.state_dict(), "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(), "epoch": epoch_done, "step": step, "name": name,
+                        "rng": rngs, **({"scaler": scaler.state_dict()} if scaler is not None else {})}, tmp)
+            tmp.replace(ckpt_path)
+
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "log.jsonl", "a") if d.main else None
+    net.train()
     t0 = time.perf_counter()
-    for epoch in range(start_epoch, args.epochs):
-        sums = torch.zeros(2, device=device)
-        n = 0
+    stop = args.max_steps or total
+    while step < min(stop, total):
+        epoch, done = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch, done * args.grad_accum * args.batch_size)
+        sums = torch.zeros(3, device=device)
+        micro = []
         for images, texts in train_loader:
-            if args.max_steps and step >= args.max_steps:
-                break
-            o = ms.backward(images.to(device, non_blocking=True), texts.to(device, non_blocking=True))
+            micro.append((images, texts))
+            if len(micro) < args.grad_accum:
+                continue
+            for i, (images, texts) in enumerate(micro):
+                o = ms.backward(images.to(device, non_blocking=True), texts.to(device, non_blocking=True),
+                                scaler=scaler, sync=i == len(micro) - 1, loss_scale=1.0 / len(micro))
+                sums += torch.stack([o.loss_main, o.loss_sub if o.loss_sub is not None else o.loss_main * 0,
+                                     o.loss_main.new_ones(())]) / len(micro)
+            micro = []
+            if scaler is not None:
+                scaler.unscale_(opt)
             if args.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            opt.step()
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
             opt.zero_grad(set_to_none=True)
             sched.step()
             clamp_logit_scale(model)
             step += 1
-            sums += torch.stack([o.loss_main, o.loss_sub if o.loss_sub is not None else o.loss_main.new_zeros(())])
-            n += 1
-        rec: dict[str, Any] = {"epoch": epoch + 1, "step": step, "seconds": round(time.perf_counter() - t0, 1),
-                               "loss_main": float(sums[0]) / max(n, 1), "lr": sched.get_last_lr()[0]}
+            if step >= stop or step % steps_per_epoch == 0:
+                break
+        if float(sums[2]) == 0:
+            raise MaskSubError(f"an epoch gave no full optimizer step: {per_rank} pairs per process, batch "
+                               f"{args.batch_size} x --grad-accum {args.grad_accum}")
+        sums = distributed.all_sum(sums, d)
+        n = max(float(sums[2]), 1.0)
+        epoch_done = step // steps_per_epoch
+        rec: dict[str, Any] = {"epoch": epoch_done if step % steps_per_epoch == 0 else round(step / steps_per_epoch, 4),
+                               "step": step, "seconds": round(time.perf_counter() - t0, 1),
+                               "loss_main": float(sums[0]) / n, "lr": sched.get_last_lr()[0], "world_size": d.world}
         if args.sub == "mask":
-            rec["loss_sub"] = float(sums[1]) / max(n, 1)
-        if val_loader is not None:
+            rec["loss_sub"] = float(sums[1]) / n
+        if val_loader is not None and d.main:
             rec.update(retrieval_top1(model, val_loader, device))
-        log.write(json.dumps(rec) + "\n")
-        log.flush()
-        print(json.dumps(rec), flush=True)
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "epoch": epoch + 1, "step": step, "model_name": name, "args": vars(args)}, ckpt_path)
-        if args.max_steps and step >= args.max_steps:
+        save(epoch_done)
+        if log is not None:
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            print(json.dumps(rec), flush=True)
+        if step >= stop:
             break
-    log.close()
+    if log is not None:
+        log.close()
     return 0

@@ -1,16 +1,31 @@
 """``MaskSubTrainer``: the Hugging Face ``Trainer`` with MaskSub's sub-branch in each step.
 
-Each micro-batch runs the main branch (the model's own loss on ``labels``, Eq. 1) and the
-sub-branch (15% of the real tokens replaced by [MASK], or heavier dropout / drop-path) that
-learns the main branch's detached prediction (Eq. 3), both halved. The two backward passes go
-through ``accelerator.backward`` as the Trainer's own step does, so mixed precision, gradient
-accumulation and distribution behave as in plain Trainer training; the first backward runs in
-``accelerator.no_sync(model)`` so gradients are reduced once per micro-batch, not twice.
+Built on the Trainer's own hook: only ``compute_loss`` is overridden, so ``Trainer.training_step``
+(context parallel, LOMO, DeepSpeed keywords, cache emptying, SageMaker) runs unchanged and makes
+the one backward of each micro-batch. In ``compute_loss`` the main branch runs (the model's own
+loss on its labels, Eq. 1), then the sub-branch (15% of the real tokens replaced by [MASK], or
+heavier dropout / drop-path) on the same inputs without labels; it learns the main branch's
+detached prediction (Eq. 3). Both are halved.
+
+Two orders (``masksub_order``):
+
+- ``"fused"``: ``compute_loss`` returns ``loss_main / 2 + loss_sub / 2`` and the Trainer's one
+  ``accelerator.backward`` does both branches: DeepSpeed steps once, DDP all-reduces once,
+  accumulation and loss scaling are the Trainer's. Both graphs live until that backward
+  (peak memory about that of two forwards).
+- ``"memory"``: the main branch's backward runs inside ``compute_loss`` (in ``no_sync``, through
+  ``accelerator.backward``), freeing its activations before the sub forward; the Trainer's backward
+  then does the sub-branch and the one all-reduce. Peak memory stays that of plain training.
+  Only where the backward does not own the optimizer step: plain, DDP (``torchrun``), not
+  DeepSpeed, FSDP or LOMO.
+- ``None`` (default): ``"memory"`` where it is allowed, else ``"fused"``.
+
+In both orders the main forward runs in DDP's ``no_sync()`` (DDP arms its all-reduce at forward
+time), so gradients are reduced once per synced micro-batch, as in a plain Trainer step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -21,14 +36,19 @@ from transformers.training_args import OptimizerNames
 
 from ..branches import MODES, Family, build_branch, resolve_ratio, sub_branch, unwrap
 from ..errors import MaskSubError
-from ..loss import relaxed_loss
-from ..step import logits_of
+from ..loss import KINDS, relaxed_loss
+from ..step import ddp_no_sync, logits_of
 
 SUB_MODES = ("none", *MODES)
+ORDERS = ("memory", "fused")
+#: The heads whose sub-branch loss MaskSubTrainer knows (class-name suffixes of transformers).
+HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForMultipleChoice", "ForQuestionAnswering")
+IGNORE_INDEX = -100  # transformers' label for positions without a loss (padding, special tokens, sub-words)
+_STEP_OWNING = ("DEEPSPEED", "FSDP", "MEGATRON_LM", "XLA")  # their backward / reduction is not ours to split
 
 
 class MaskSubTrainer(Trainer):
-    """A ``transformers.Trainer`` whose training step adds MaskSub's sub-branch.
+    """A ``transformers.Trainer`` whose loss adds MaskSub's sub-branch.
 
     ``masksub_mode``: ``"mask"`` (default; text family, [MASK] on ``masksub_ratio`` of the
     non-special, non-padding tokens, paper 15%), ``"dropout"`` (DropSub), ``"droppath"``
@@ -36,12 +56,18 @@ class MaskSubTrainer(Trainer):
     ``masksub_weights``: (main, sub) loss weights, the paper's (0.5, 0.5).
     ``masksub_family``: a family name or a ``masksub.branches.Family`` instance to use instead of
     the text family built from ``processing_class`` (the tokenizer).
-    The relaxed loss is the softmax form, or the squared error for regression heads
-    (``config.num_labels == 1``, STS-B); ``masksub_kind`` overrides.
+    ``masksub_order``: ``"memory"``, ``"fused"`` or ``None`` (memory where the engine allows it).
+    ``masksub_kind``: the relaxed loss; by default it follows the head: softmax, sigmoid for
+    ``problem_type="multi_label_classification"``, squared error for regression
+    (``num_labels == 1`` or ``problem_type="regression"``).
 
-    Logs ``loss`` (the weighted sum that is trained), ``loss_main`` and ``loss_sub``.
-    Model losses are taken as per-batch means (as sequence-classification heads compute them),
-    so both branches are divided by the accumulation steps the same way.
+    Heads: sequence classification (single-label, multi-label, regression), token classification
+    (sub loss over the labelled positions only, as the main loss), multiple choice and extractive
+    question answering (start and end logits). Another head: subclass and override
+    ``masksub_sub_loss``. Labels are the Trainer's ``label_names``.
+
+    Logs ``loss`` (the weighted sum that is trained), ``loss_main`` and ``loss_sub``. Model losses
+    are taken as per-micro-batch means and divided by the accumulation steps by the Trainer.
     """
 
     # Our losses are per-batch means: let the Trainer divide them by the accumulation steps.
@@ -50,12 +76,16 @@ class MaskSubTrainer(Trainer):
     def __init__(self, *args: Any, masksub_mode: str = "mask", masksub_ratio: float | None = None,
                  masksub_weights: tuple[float, float] = (0.5, 0.5),
                  masksub_family: str | Family | None = None, masksub_kind: str | None = None,
-                 **kwargs: Any) -> None:
+                 masksub_order: str | None = None, **kwargs: Any) -> None:
         if masksub_mode not in SUB_MODES:
             raise MaskSubError(f"masksub_mode must be one of {SUB_MODES}, got {masksub_mode!r}")
         if (len(tuple(masksub_weights)) != 2
                 or any(not isinstance(w, (int, float)) or w < 0 for w in masksub_weights)):
             raise MaskSubError(f"masksub_weights must be two non-negative numbers (main, sub), got {masksub_weights!r}")
+        if masksub_kind is not None and masksub_kind not in KINDS:
+            raise MaskSubError(f"masksub_kind must be one of {KINDS} or None (follow the head), got {masksub_kind!r}")
+        if masksub_order is not None and masksub_order not in ORDERS:
+            raise MaskSubError(f"masksub_order must be one of {ORDERS} or None (auto), got {masksub_order!r}")
         super().__init__(*args, **kwargs)
         # Sequence-classification heads accept **kwargs but ignore num_items_in_batch and return a
         # per-batch mean: without this the Trainer skips the 1/accumulation scaling (measured with
@@ -66,15 +96,22 @@ class MaskSubTrainer(Trainer):
         self.masksub_weights = (float(masksub_weights[0]), float(masksub_weights[1]))
         self.masksub_branch: Family | None = None
         self.masksub_ratio = 0.0
+        self.masksub_kind = masksub_kind
         inner = unwrap(self.model)
-        num_labels = getattr(getattr(inner, "config", None), "num_labels", None)
-        self.masksub_kind = masksub_kind or ("mse" if num_labels == 1 else "softmax")
         if self.masksub_mode is not None:
+            overridden = type(self).masksub_sub_loss is not MaskSubTrainer.masksub_sub_loss
+            if not overridden and not type(inner).__name__.endswith(HEADS):
+                raise MaskSubError(
+                    f"MaskSubTrainer knows the sub-branch loss of the heads {', '.join('*' + h for h in HEADS)}; "
+                    f"{type(inner).__name__} is none of them: use one of those heads, or subclass "
+                    "MaskSubTrainer and override masksub_sub_loss(sub_outputs, main_outputs, inputs)"
+                )
             self.masksub_branch = self._build_branch(inner, masksub_family)
             self.masksub_ratio = resolve_ratio(self.masksub_mode, masksub_ratio, type(self.masksub_branch))
             self.masksub_branch.prepare(inner)
         elif masksub_ratio is not None:
             raise MaskSubError("masksub_mode='none' has no sub-branch: drop masksub_ratio or set masksub_mode='mask'")
+        self.masksub_order = self._pick_order(masksub_order)
         self._ms_sums: Tensor | None = None
         self._ms_last_step = 0
 
@@ -97,77 +134,104 @@ class MaskSubTrainer(Trainer):
             )
         return build_branch(model, mode, "text", tokenizer=tok)
 
-    # -- the step ---------------------------------------------------------------------------
-    def training_step(self, model: nn.Module, inputs: dict[str, Tensor | Any],
-                      num_items_in_batch: Tensor | int | None = None) -> Tensor:
-        """Main forward + backward, then sub forward + backward, the Trainer's way."""
+    def _pick_order(self, order: str | None) -> str:
+        """``memory`` needs a backward that neither steps (DeepSpeed, LOMO) nor reduces (FSDP)."""
+        engine = self.accelerator.distributed_type.name
+        why = None
+        if engine in _STEP_OWNING:
+            why = f"the {engine} engine owns the backward's reduction / optimizer step"
+        elif self.args.optim in (OptimizerNames.LOMO, OptimizerNames.ADALOMO):
+            why = "LOMO updates the weights inside each backward"
+        if order is None:
+            return "fused" if why else "memory"
+        if order == "memory" and why and self.masksub_mode is not None:
+            raise MaskSubError(f"masksub_order='memory' makes two backward passes, but {why}: use "
+                               "masksub_order='fused' (one backward of the summed loss) or None (auto)")
+        return order
+
+    # -- the loss: the Trainer's own training_step calls this, then backward once --------------
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Tensor | Any], return_outputs: bool = False,
+                     num_items_in_batch: Tensor | int | None = None) -> Tensor | tuple[Tensor, Any]:
+        """Main loss (+ sub loss while training); see the module docstring for the two orders."""
+        if not model.training:  # evaluation / prediction: the plain loss
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        missing = [k for k in self.label_names if k not in inputs]
+        if missing or not self.label_names:
+            raise MaskSubError(
+                f"MaskSubTrainer needs the labels {self.label_names or ['labels']} in each batch for the main "
+                f"branch's loss; missing {missing or 'label_names'} (set TrainingArguments(label_names=[...]) "
+                "when the model's labels are named otherwise)"
+            )
+        f = 1.0 / self.current_gradient_accumulation_steps  # what training_step divides by
+        w_main, w_sub = self.masksub_weights
         if self.masksub_branch is None:
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            self._accumulate(loss, None)
-            return loss
-        cp_context, inputs = self._prepare_context_parallel_inputs(model, inputs)
-        with cp_context():
-            model.train()
-            if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
-                self.optimizer.train()
-            inputs = self._prepare_inputs(inputs)
-            if "labels" not in inputs:
-                raise MaskSubError("MaskSubTrainer needs 'labels' in each batch for the main branch's loss")
-            with self.compute_loss_context_manager():
-                loss_main, outputs = self.compute_loss(
-                    model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
-                )
-            main_logits = batch_logits(outputs).detach()
-            del outputs
-            if self.args.n_gpu > 1:
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            self._accumulate(loss.detach().mean() * f, None)
+            return (loss, outputs) if return_outputs else loss
+        # DDP arms its all-reduce at forward time: only the sub forward may arm it.
+        with ddp_no_sync(model):
+            loss_main, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            if loss_main.ndim:  # DataParallel: one loss per device
                 loss_main = loss_main.mean()
-            scale = self._ga_scale(num_items_in_batch, main_logits.shape[0])
-            if scale.get("main") is not None:
-                loss_main = loss_main * scale["main"]
-            kwargs = self._backward_kwargs()
-            w_main, w_sub = self.masksub_weights
-            # Reduce gradients once per micro-batch: the main backward never syncs.
-            with self.accelerator.no_sync(model):
-                self.accelerator.backward(loss_main * w_main, **kwargs)
+            if self.masksub_order == "memory":  # free the main graph before the sub forward
+                self.accelerator.backward(loss_main * (w_main * f))
+        main_outputs = _detached(outputs)
+        if not return_outputs:
+            del outputs
+        sub_inputs = {k: v for k, v in inputs.items() if k not in self.label_names}
+        with sub_branch(model, self.masksub_mode, self.masksub_ratio, family=self.masksub_branch):
+            sub_outputs = model(**sub_inputs)
+        loss_sub = self.masksub_sub_loss(sub_outputs, main_outputs, inputs)
+        del sub_outputs
+        self._accumulate(loss_main.detach() * f, loss_sub.detach() * f)
+        if self.masksub_order == "memory":  # its gradient is in .grad already; the value is logged
+            loss = loss_main.detach() * w_main + loss_sub * w_sub
+        else:
+            loss = loss_main * w_main + loss_sub * w_sub
+        return (loss, outputs) if return_outputs else loss
 
-            sub_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-            del inputs
-            with self.compute_loss_context_manager(), sub_branch(
-                model, self.masksub_mode, self.masksub_ratio, family=self.masksub_branch
-            ):
-                sub_logits = logits_of(model(**sub_inputs))
-            loss_sub = relaxed_loss(sub_logits, main_logits, self.masksub_kind) * scale["sub"]
-            self.accelerator.backward(loss_sub * w_sub, **kwargs)
-        loss_main, loss_sub = loss_main.detach(), loss_sub.detach()
-        self._accumulate(loss_main, loss_sub)
-        return loss_main * w_main + loss_sub * w_sub
+    def masksub_kind_for(self, model: nn.Module) -> str:
+        """The relaxed-loss kind the head's own loss calls for (read per step: a sequence
+        classification head sets ``problem_type`` at its first forward with labels)."""
+        if self.masksub_kind is not None:
+            return self.masksub_kind
+        cfg = getattr(unwrap(model), "config", None)
+        problem = getattr(cfg, "problem_type", None)
+        if problem == "multi_label_classification":
+            return "sigmoid"
+        if problem == "regression" or getattr(cfg, "num_labels", None) == 1:
+            return "mse"
+        return "softmax"
 
-    def _ga_scale(self, num_items_in_batch: Tensor | int | None, batch: int) -> dict[str, Any]:
-        """Factors that make both losses sum to per-step means over accumulated micro-batches."""
-        scaled = self.loss_is_scaled_for_ga
-        if scaled is None:
-            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
-                self.compute_loss_func is not None)
-        if not scaled:
-            f = 1.0 / self.current_gradient_accumulation_steps
-            return {"main": f, "sub": f}
-        # The main loss was normalised over the whole accumulated batch (a compute_loss_func);
-        # the sub loss is a per-sample mean, so weight it by this micro-batch's share.
-        if num_items_in_batch is None:
-            return {"main": None, "sub": 1.0 / self.current_gradient_accumulation_steps}
-        return {"main": None, "sub": batch / num_items_in_batch}
-
-    def _backward_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {}
-        if self.args.optim in [OptimizerNames.LOMO, OptimizerNames.ADALOMO]:
-            kwargs["learning_rate"] = self._get_learning_rate()
-        if self.accelerator.distributed_type.name == "DEEPSPEED":
-            kwargs["scale_wrt_gas"] = False
-        return kwargs
+    def masksub_sub_loss(self, sub_outputs: Any, main_outputs: Any, inputs: dict[str, Any]) -> Tensor:
+        """Eq. (3) for the standard heads; ``main_outputs`` are detached. Override for another head."""
+        kind = self.masksub_kind_for(self.model)
+        start, end = _get(main_outputs, "start_logits"), _get(main_outputs, "end_logits")
+        if start is not None and end is not None:  # extractive QA: a distribution over positions, twice
+            return (relaxed_loss(_get(sub_outputs, "start_logits"), start, "softmax")
+                    + relaxed_loss(_get(sub_outputs, "end_logits"), end, "softmax")) / 2
+        main, sub = logits_of(main_outputs), logits_of(sub_outputs)
+        labels = inputs.get(self.label_names[0]) if self.label_names else None
+        if main.ndim == 3:
+            if not isinstance(labels, Tensor) or tuple(labels.shape) != tuple(main.shape[:2]):
+                raise MaskSubError(
+                    f"per-token logits {tuple(main.shape)} need per-token labels of shape {tuple(main.shape[:2])} "
+                    f"(token classification), got {None if labels is None else tuple(labels.shape)}"
+                )
+            keep = labels != IGNORE_INDEX  # as the main loss: labelled positions only
+            if not bool(keep.any()):
+                return sub.sum() * 0.0
+            return relaxed_loss(sub[keep], main[keep], kind)
+        if main.ndim != 2:
+            raise MaskSubError(f"unsupported logits shape {tuple(main.shape)}: expected (batch, classes) or "
+                               "(batch, tokens, classes); override masksub_sub_loss for this head")
+        return relaxed_loss(sub, main, kind)
 
     # -- logging ----------------------------------------------------------------------------
     def _accumulate(self, loss_main: Tensor, loss_sub: Tensor | None) -> None:
         """Sum (accumulation-scaled) branch losses on device; read at log time, no sync per step."""
+        if self._ms_sums is None:  # first micro-batch since the last log (or since a resume)
+            self._ms_last_step = self.state.global_step
         vals = torch.stack([loss_main.detach().float(),
                             (loss_sub if loss_sub is not None else loss_main.new_zeros(())).detach().float()])
         self._ms_sums = vals if self._ms_sums is None else self._ms_sums + vals
@@ -181,17 +245,17 @@ class MaskSubTrainer(Trainer):
             if self.masksub_branch is not None:
                 logs["loss_sub"] = round(float(sums[1]) / steps, 6)
             self._ms_sums = None
-            self._ms_last_step = self.state.global_step
         super().log(logs, start_time)
 
 
-def batch_logits(outputs: Any) -> Tensor:
-    """The logits of a Hugging Face model output (object, dict or (loss, logits) tuple)."""
-    if isinstance(outputs, Mapping) and "logits" in outputs:
-        return outputs["logits"]
-    if isinstance(outputs, (tuple, list)) and len(outputs) > 1 and isinstance(outputs[1], Tensor):
-        return outputs[1]
-    return logits_of(outputs)
+def _get(outputs: Any, key: str) -> Any:
+    return outputs.get(key) if hasattr(outputs, "get") else getattr(outputs, key, None)
 
 
-__all__ = ["MaskSubTrainer", "SUB_MODES", "batch_logits"]
+def _detached(outputs: Any) -> dict[str, Any]:
+    """The output's tensors, detached: the sub-branch's targets (and nothing keeps the graph)."""
+    items = outputs.items() if hasattr(outputs, "items") else {"logits": logits_of(outputs)}.items()
+    return {k: v.detach() for k, v in items if isinstance(v, Tensor) and k != "loss"}
+
+
+__all__ = ["HEADS", "MaskSubTrainer", "ORDERS", "SUB_MODES"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from pathlib import Path
+import sys
 from typing import Any
 
 import torch
@@ -27,8 +27,9 @@ def check_model_name(name: str) -> None:
     raise MaskSubError(f"timm does not know the model {name!r}{hint} (see timm.list_models())")
 
 
-def build_model(cfg: Config) -> nn.Module:
-    """``timm.create_model(cfg.model, pretrained=False, ...)``; weights only from a local file."""
+def build_model(cfg: Config, *, pretrained: bool = True) -> nn.Module:
+    """``timm.create_model(cfg.model, pretrained=False, ...)``; weights only from a local file
+    (``pretrained=False``: not even that, for a resume or an eval whose checkpoint has them all)."""
     import timm
 
     check_model_name(cfg.model)
@@ -44,28 +45,98 @@ def build_model(cfg: Config) -> nn.Module:
             model = timm.create_model(cfg.model, pretrained=False, **kw)
         except TypeError as e2:
             raise MaskSubError(f"model {cfg.model}: {e2}; check model_kwargs") from None
-    if cfg.pretrained_file:
-        load_pretrained(model, cfg.pretrained_file)
+    if cfg.drop_path_uniform:
+        uniform_drop_path(model, cfg.drop_path)
+    if cfg.pretrained_file and pretrained:
+        from .pretrained import load_pretrained, uses_mask_token
+
+        load_pretrained(model, cfg.pretrained_file, model_name=cfg.model, exclude=cfg.pretrained_exclude,
+                        min_loaded=cfg.pretrained_min_loaded, mask_token=uses_mask_token(cfg, model),
+                        verbose=_rank() == 0)
+    if cfg.head_init_std is not None or cfg.head_init_scale is not None:
+        init_head(model, cfg.head_init_std, cfg.head_init_scale)
+    if cfg.freeze:
+        freeze(model, cfg.freeze)
     return model
 
 
-def load_pretrained(model: nn.Module, path: str) -> None:
-    """Finetuning start: a local state dict; the classifier and mismatched shapes are skipped."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise MaskSubError(f"pretrained_file {path} does not exist")
-    try:
-        sd = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise MaskSubError(f"cannot read pretrained_file {path}: {e}") from None
-    for key in ("model", "state_dict", "module"):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-    own = model.state_dict()
-    keep = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
-    if not keep:
-        raise MaskSubError(f"pretrained_file {path} shares no tensor with {type(model).__name__}")
-    model.load_state_dict(keep, strict=False)
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def uniform_drop_path(model: nn.Module, rate: float) -> None:
+    """Every block's drop-path at ``rate`` (DeiT-III ``models_v2.py``: ``dpr = [drop_path_rate
+    for i in range(depth)]``) instead of timm's linear 0 -> rate; through timm's own slots."""
+    from timm.layers import DropPath
+
+    blocks = getattr(model, "blocks", None)
+    names = ("drop_path", "drop_path1", "drop_path2")
+    slots = [(b, n) for b in (blocks or []) for n in names if isinstance(getattr(b, n, None), nn.Module)]
+    if not slots:
+        raise MaskSubError(f"drop_path_uniform: {type(model).__name__} has no blocks with drop-path "
+                           "slots (drop_path / drop_path1 / drop_path2); unset drop_path_uniform")
+    for block, name in slots:
+        setattr(block, name, DropPath(rate) if rate > 0 else nn.Identity())
+
+
+def init_head(model: nn.Module, std: float | None, scale: float | None) -> None:
+    """The classifier's start: MAE ``main_finetune.py`` ``trunc_normal_(head.weight, std=2e-5)``;
+    FT-CLIP ``finetune_clip.py`` ``head.weight.data.mul_(0.001)`` (and the bias)."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else getattr(model, "head", None)
+    if not isinstance(head, nn.Linear):
+        raise MaskSubError(f"head_init_std / head_init_scale need a linear classifier, {type(model).__name__} "
+                           f"has {type(head).__name__}")
+    with torch.no_grad():
+        if std is not None:
+            nn.init.trunc_normal_(head.weight, std=std)
+            if head.bias is not None:
+                head.bias.zero_()
+        if scale is not None:
+            head.weight.mul_(scale)
+            if head.bias is not None:
+                head.bias.mul_(scale)
+
+
+def freeze(model: nn.Module, prefixes: list[str]) -> None:
+    """Parameters under ``prefixes`` get no gradient (FT-CLIP freezes the patch embedding)."""
+    hit = {n for n, _ in model.named_parameters() if any(n.startswith(pfx) for pfx in prefixes)}
+    if not hit:
+        raise MaskSubError(f"freeze: no parameter of {type(model).__name__} starts with {prefixes}")
+    for n, p in model.named_parameters():
+        if n in hit:
+            p.requires_grad_(False)
+
+
+def effective_lr(cfg: Config, world: int | None = None) -> tuple[float, float, float, str]:
+    """(lr, warmup_lr, min_lr) for this run's global batch, and a note when it differs.
+
+    ``batch_total`` is the global batch of the recipe's lr. ``lr_scale: linear`` (MAE
+    ``main_finetune.py``: lr = blr x batch / 256; Swin ``main.py``: x batch / 512, warm-up and min
+    lr too) scales all three; ``none`` (DeiT-III ``--unscale-lr``, RSB, BEiT, FT-CLIP) keeps them
+    and says loudly that the run is not the published setting.
+    """
+    world = _world() if world is None else world
+    batch = cfg.batch_size * world * cfg.accum_steps
+    if not cfg.batch_total or batch == cfg.batch_total:
+        return cfg.lr, cfg.warmup_lr, cfg.min_lr, ""
+    where = f"global batch {batch} (batch_size {cfg.batch_size} x {world} processes x accum_steps {cfg.accum_steps})"
+    if cfg.lr_scale == "linear":
+        f = batch / cfg.batch_total
+        return (cfg.lr * f, cfg.warmup_lr * f, cfg.min_lr * f,
+                f"{where} != the recipe's {cfg.batch_total}: lr scaled linearly to {cfg.lr * f:.4g} "
+                "(warm-up and min lr too), the source's rule")
+    return (cfg.lr, cfg.warmup_lr, cfg.min_lr,
+            f"WARNING: {where} != the {cfg.batch_total} the recipe's lr {cfg.lr:g} is for, and its source "
+            "does not rescale lr: this run is NOT the published setting. Match the batch (e.g. "
+            "--accum-steps), or set lr for your batch yourself")
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
@@ -77,22 +148,33 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
         kw["eps"] = cfg.opt_eps
     if cfg.opt_betas is not None:
         kw["betas"] = tuple(cfg.opt_betas)
+    lr, _, _, note = effective_lr(cfg)
+    if note and _rank() == 0:
+        print(f"masksub train: {note}", file=sys.stderr)
     try:
-        return create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
+        return create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay,
                                    momentum=cfg.momentum, layer_decay=cfg.layer_decay, **kw)
     except (ValueError, AssertionError, KeyError) as e:
         raise MaskSubError(f"optimizer {cfg.opt!r}: {e}") from None
 
 
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, updates_per_epoch: int) -> Any:
-    """Cosine (or any timm schedule) with warm-up, stepped per update."""
+    """Cosine (or any timm schedule) with warm-up, stepped per update or per epoch.
+
+    ``sched_step: epoch`` is timm's ``t_in_epochs`` (the trainer calls ``step(epoch)`` at each
+    epoch start; ``step_update`` is then a no-op): DeiT-III ``main.py`` and RSB ``train.py`` step
+    per epoch. ``warmup_prefix`` puts the whole cosine after the warm-up (MAE ``lr_sched.py``,
+    BEiT / FT-CLIP ``utils.cosine_scheduler``).
+    """
     from timm.scheduler import create_scheduler_v2
 
+    _, warmup_lr, min_lr, _ = effective_lr(cfg)
+    epochs = cfg.epochs - cfg.warmup_epochs if cfg.warmup_prefix else cfg.epochs
     try:
         sched, _ = create_scheduler_v2(
-            optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
-            warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=False,
-            updates_per_epoch=updates_per_epoch,
+            optimizer, sched=cfg.sched, num_epochs=epochs, warmup_epochs=cfg.warmup_epochs,
+            warmup_lr=warmup_lr, min_lr=min_lr, warmup_prefix=cfg.warmup_prefix,
+            step_on_epochs=cfg.sched_step == "epoch", updates_per_epoch=updates_per_epoch,
         )
     except (ValueError, AssertionError) as e:
         raise MaskSubError(f"schedule {cfg.sched!r}: {e}") from None

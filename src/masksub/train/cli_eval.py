@@ -44,8 +44,8 @@ def evaluate_checkpoint(path: str, *, data: str | None = None, ema: bool = False
 
     check_device(cfg.device)
     dev = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = build_model(cfg)
-    sd = ck.get("model")
+    model = build_model(cfg, pretrained=False)  # the checkpoint has every weight
+    sd = ck.get("model")  # None for dist=fsdp: the weights are in the DCP directory it names
     if ema:
         if not ck.get("ema"):
             raise MaskSubError(f"checkpoint {path} has no EMA weights")

@@ -20,6 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", help="recipe name (see --list) or a YAML file")
     p.add_argument("--list", action="store_true", help="list the recipes and exit")
     p.add_argument("--list-keys", action="store_true", help="list every config key with its default")
+    p.add_argument("--show", action="store_true",
+                   help="print the resolved recipe beside its published values and sources, then exit")
     for flag, typ in FLAGS.items():
         p.add_argument(f"--{flag.replace('_', '-')}", dest=f"o_{flag}", type=typ, default=None,
                        metavar=flag.upper(), help=f"override {flag}")
@@ -41,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # What a checkpoint's weights, optimizer state and data position depend on: fixed on --resume.
 FROZEN_ON_RESUME = ("model", "model_kwargs", "num_classes", "img_size", "in_chans", "sub", "family",
                     "family_options", "masking_only", "opt", "layer_decay", "ema", "bce", "data", "data_dir",
-                    "train_split", "subset", "synthetic_size", "batch_size", "accum_steps", "seed",
+                    "train_split", "subset", "synthetic_size", "batch_size", "accum_steps", "seed", "repeated_aug",
                     "output", "run_name")
 
 
@@ -92,7 +94,12 @@ def main(args: argparse.Namespace) -> int:
     else:
         if not args.recipe:
             raise MaskSubError("give --recipe NAME (see `masksub train --list`) or --resume RUN_DIR")
-        cfg = C.load(args.recipe, ov)
+        cfg = C.load(args.recipe, ov, check_paths=not args.show)
+    if args.show:
+        from .show import render
+
+        print(render(cfg, args.recipe))
+        return 0
     from .engine import TrainingStopped, train
 
     try:

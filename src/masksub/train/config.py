@@ -23,7 +23,9 @@ from ..step import ORDERS
 SUBS = ("none", *MODES)
 AMPS = ("none", "bf16", "fp16")
 DISTS = ("ddp", "fsdp")  # under torchrun: replicate the model (DDP) or shard it (FSDP2)
-AUGS = ("timm", "3aug", "crop_flip", "none")
+AUGS = ("timm", "3aug", "3aug_src", "crop_flip", "none")
+SCHED_STEPS = ("update", "epoch")
+LR_SCALES = ("none", "linear")
 
 
 @dataclass
@@ -37,6 +39,12 @@ class Config:
     model: str = "vit_small_patch16_224"
     model_kwargs: dict = field(default_factory=dict)
     pretrained_file: str = ""
+    pretrained_exclude: list | None = None  # key prefixes of the checkpoint left out (after mapping)
+    pretrained_min_loaded: float = 0.5  # fail when less than this share of the backbone loaded
+    drop_path_uniform: bool = False  # DeiT-III: the same drop-path rate in every block
+    head_init_std: float | None = None  # re-initialise the classifier: trunc-normal std, bias 0 (MAE)
+    head_init_scale: float | None = None  # multiply the classifier's initial weights (FT-CLIP x0.001)
+    freeze: list | None = None  # parameter-name prefixes kept frozen (FT-CLIP's patch embedding)
     num_classes: int = 1000
     img_size: int = 224
     in_chans: int = 3
@@ -63,6 +71,8 @@ class Config:
     crop_pad: int = 2
     hflip: float = 0.5
     interpolation: str = "bicubic"
+    train_interpolation: str = ""  # "" = interpolation; RSB trains with "random"
+    repeated_aug: int = 0  # repeated augmentation: each image this many times per epoch (DeiT RASampler)
     mean: list | None = None
     std: list | None = None
     mixup: float = 0.0
@@ -89,6 +99,11 @@ class Config:
     epochs: int = 100
     warmup_epochs: float = 5.0
     warmup_lr: float = 1e-6
+    warmup_prefix: bool = False  # warm-up, then the whole cosine over the remaining epochs (MAE/BEiT)
+    sched_step: str = "update"  # "epoch": the lr changes once per epoch (DeiT-III, RSB)
+    sched_epoch_lag: int = 0  # epoch e runs at the lr of e - lag (DeiT's main.py steps after each epoch: 1)
+    batch_total: int = 0  # the global batch the recipe's lr is for (0: not stated)
+    lr_scale: str = "none"  # how lr follows a different global batch: linear (MAE, Swin) or none
     min_lr: float = 1e-6
     clip_grad: float | None = None
     accum_steps: int = 1
@@ -242,8 +257,9 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def load(recipe: str | None, overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults <- recipe YAML <- overrides (already parsed); then validated."""
+def load(recipe: str | None, overrides: dict[str, Any] | None = None, *, check_paths: bool = True) -> Config:
+    """Defaults <- recipe YAML <- overrides (already parsed); then validated (``check_paths``:
+    the data path must exist too)."""
     cfg = Config()
     if recipe:
         path = find_recipe(recipe)
@@ -261,7 +277,7 @@ def load(recipe: str | None, overrides: dict[str, Any] | None = None) -> Config:
             merged.update(v)
             v = merged
         apply(cfg, {k: v}, "the command line")
-    validate(cfg)
+    validate(cfg, check_paths=check_paths)
     return cfg
 
 
@@ -292,7 +308,7 @@ def _check_numbers(cfg: Config) -> None:
             raise MaskSubError(f"std must be > 0 for every channel (the input is divided by it), got {v!r}")
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Config, *, check_paths: bool = True) -> None:
     """Every check that needs no model or data: ranges, choices, combinations."""
     _check_numbers(cfg)
     def choice(key: str, options: tuple[str, ...]) -> None:
@@ -311,6 +327,19 @@ def validate(cfg: Config) -> None:
         check_config(cfg)
     choice("aug", AUGS)
     choice("order", ORDERS)
+    choice("sched_step", SCHED_STEPS)
+    choice("lr_scale", LR_SCALES)
+    if cfg.repeated_aug < 0 or cfg.repeated_aug == 1:
+        raise MaskSubError(f"repeated_aug is the number of repeats (0 = off, e.g. 3), got {cfg.repeated_aug}")
+    if cfg.sched_epoch_lag < 0 or (cfg.sched_epoch_lag and cfg.sched_step != "epoch"):
+        raise MaskSubError("sched_epoch_lag needs sched_step: epoch and must be >= 0, got "
+                           f"{cfg.sched_epoch_lag}")
+    if cfg.batch_total < 0:
+        raise MaskSubError(f"batch_total must be >= 0, got {cfg.batch_total}")
+    if not 0.0 <= cfg.pretrained_min_loaded <= 1.0:
+        raise MaskSubError(f"pretrained_min_loaded must be in [0, 1], got {cfg.pretrained_min_loaded}")
+    if cfg.warmup_prefix and cfg.warmup_epochs >= cfg.epochs:
+        raise MaskSubError(f"warmup_prefix: warmup_epochs ({cfg.warmup_epochs}) must be < epochs ({cfg.epochs})")
     if cfg.ratio is not None:  # checked even with sub=none, where the baseline ignores it
         what = {"mask": "ratio (mask ratio)", "dropout": "ratio (dropout p_sub)",
                 "droppath": "ratio (drop-path increase)", "none": "ratio"}[cfg.sub]
@@ -347,7 +376,7 @@ def validate(cfg: Config) -> None:
         raise MaskSubError("analysis gradient norms need order=memory")
     if cfg.analysis and cfg.order == "fused" and cfg.sub != "none":
         raise MaskSubError("analysis: true measures per-branch gradient norms; it needs order=memory")
-    if cfg.data not in ("synthetic", "fashion-mnist") and not cfg.data.startswith(("hfds/", "hfids/", "wds/", "tfds/")):
+    if check_paths and cfg.data not in ("synthetic", "fashion-mnist") and not cfg.data.startswith(("hfds/", "hfids/", "wds/", "tfds/")):
         if not Path(cfg.data).expanduser().exists():
             raise MaskSubError(
                 f"data path {cfg.data} does not exist; give an ImageFolder root (with train/ and "

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..errors import MaskSubError
 from .config import Config
+from .sampler import epoch_generator, repeated_order
 
 FMNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 FMNIST_FILES = {
@@ -32,11 +33,14 @@ FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool, rank: int, world: int) -> Tensor:
-    """This rank's sample indices for one epoch, from (seed, epoch) only."""
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool, rank: int, world: int,
+                repeats: int = 0) -> Tensor:
+    """This rank's sample indices for one epoch, from (seed, epoch) only; ``repeats`` >= 2 is
+    repeated augmentation (``sampler.repeated_order``)."""
+    if shuffle and repeats >= 2:
+        return repeated_order(n, seed, epoch, repeats, rank, world)
     if shuffle:
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        order = torch.randperm(n, generator=g)
+        order = torch.randperm(n, generator=epoch_generator(seed, epoch))
     else:
         order = torch.arange(n)
     if world > 1:
@@ -58,8 +62,9 @@ class TensorData:
     def __init__(self, images: Tensor, labels: Tensor, *, mean: tuple, std: tuple, batch_size: int,
                  train: bool, seed: int, rank: int = 0, world: int = 1, crop_pad: int = 0,
                  hflip: float = 0.0, device: torch.device | str = "cpu", channels_last: bool = False,
-                 img_size: int | None = None) -> None:
+                 img_size: int | None = None, repeats: int = 0) -> None:
         self.images = images.to(device)
+        self.repeats = repeats
         self.labels = labels.to(device)
         self.device = torch.device(device)
         c = images.shape[1]
@@ -75,7 +80,7 @@ class TensorData:
         return len(self.labels)
 
     def num_batches(self, epoch: int = 0) -> int:
-        n = len(epoch_order(len(self), self.seed, epoch, self.train, self.rank, self.world))
+        n = len(epoch_order(len(self), self.seed, epoch, self.train, self.rank, self.world, self.repeats))
         return _n_batches(n, self.batch_size, self.train)
 
     def _prep(self, x: Tensor, augment: bool) -> Tensor:
@@ -94,7 +99,7 @@ class TensorData:
         return x
 
     def iterate(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        order = epoch_order(len(self), self.seed, epoch, self.train, self.rank, self.world).to(self.device)
+        order = epoch_order(len(self), self.seed, epoch, self.train, self.rank, self.world, self.repeats).to(self.device)
         nb = _n_batches(len(order), self.batch_size, self.train)
         for b in range(start, nb):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
@@ -133,8 +138,9 @@ class LoaderData:
 
     def __init__(self, dataset: Any, *, batch_size: int, train: bool, seed: int, rank: int, world: int,
                  workers: int, device: torch.device, channels_last: bool = False,
-                 plain_dataset: Any = None) -> None:
+                 plain_dataset: Any = None, repeats: int = 0) -> None:
         self.dataset, self.plain_dataset = dataset, plain_dataset
+        self.repeats = repeats
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world, self.workers = rank, world, workers
         self.device, self.channels_last = device, channels_last
@@ -143,7 +149,7 @@ class LoaderData:
         return len(self.dataset)
 
     def num_batches(self, epoch: int = 0) -> int:
-        n = len(epoch_order(len(self), self.seed, epoch, self.train, self.rank, self.world))
+        n = len(epoch_order(len(self), self.seed, epoch, self.train, self.rank, self.world, self.repeats))
         return _n_batches(n, self.batch_size, self.train)
 
     def _loader(self, dataset: Any, indices: list[int], epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
@@ -158,7 +164,7 @@ class LoaderData:
             yield _to_device(x, y, self.device, self.channels_last)
 
     def iterate(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        order = epoch_order(len(self), self.seed, epoch, self.train, self.rank, self.world).tolist()
+        order = epoch_order(len(self), self.seed, epoch, self.train, self.rank, self.world, self.repeats).tolist()
         nb = self.num_batches(epoch)
         order = order[start * self.batch_size: nb * self.batch_size]
         return self._loader(self.dataset, order, epoch)
@@ -250,20 +256,49 @@ def synthetic(cfg: Config, n: int, seed: int) -> tuple[Tensor, Tensor]:
 
 
 def three_augment(cfg: Config, mean: tuple, std: tuple) -> Any:
-    """DeiT-III's 3-Augment: simple random crop, flip, one of grayscale/solarize/blur, jitter."""
+    """DeiT-III's 3-Augment (augsub ``deit/augment.py`` ``new_data_aug_generator``).
+
+    ``aug: 3aug``: RandomResizedCrop (scale 0.08-1, bicubic) + flip; ``aug: 3aug_src`` (the
+    source's ``--src``): Resize + RandomCrop(pad 4, reflect) + flip. Then one of grayscale /
+    solarize / Gaussian blur (radius 0.1-2), colour jitter, normalise.
+    """
+    from timm.data.transforms import RandomResizedCropAndInterpolation
     from torchvision import transforms as T
 
-    ops = [
-        T.Resize(cfg.img_size, interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomCrop(cfg.img_size, padding=4, padding_mode="reflect"),
+    if cfg.aug == "3aug_src":
+        primary = [T.Resize(cfg.img_size, interpolation=T.InterpolationMode.BICUBIC),
+                   T.RandomCrop(cfg.img_size, padding=4, padding_mode="reflect")]
+    else:
+        primary = [RandomResizedCropAndInterpolation(cfg.img_size, scale=(0.08, 1.0),
+                                                     interpolation=cfg.train_interpolation or cfg.interpolation)]
+    ops = primary + [
         T.RandomHorizontalFlip(cfg.hflip),
-        T.RandomChoice([T.RandomGrayscale(p=1.0), T.RandomSolarize(128, p=1.0),
-                        T.GaussianBlur(kernel_size=5, sigma=(0.1, 2.0))]),
+        T.RandomChoice([T.Grayscale(3 if cfg.in_chans == 3 else 1), _Solarize(), _PilBlur()]),
     ]
     if cfg.color_jitter:
         ops.append(T.ColorJitter(cfg.color_jitter, cfg.color_jitter, cfg.color_jitter))
     ops += [T.ToTensor(), T.Normalize(mean, std)]
     return T.Compose(ops)
+
+
+class _Solarize:
+    """``ImageOps.solarize`` at its default threshold 128, as augment.py's ``Solarization(p=1)``."""
+
+    def __call__(self, img: Any) -> Any:
+        from PIL import ImageOps
+
+        return ImageOps.solarize(img)
+
+
+class _PilBlur:
+    """PIL Gaussian blur, radius uniform in [0.1, 2] (augment.py's ``GaussianBlur(p=1)``)."""
+
+    def __call__(self, img: Any) -> Any:
+        import random
+
+        from PIL import ImageFilter
+
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
 
 
 def norm_stats(cfg: Config) -> tuple[tuple, tuple]:
@@ -283,11 +318,12 @@ def build_transforms(cfg: Config) -> tuple[Any, Any]:
     mean, std = norm_stats(cfg)
     size = (cfg.in_chans, cfg.img_size, cfg.img_size)
     common = dict(input_size=size, interpolation=cfg.interpolation, mean=mean, std=std)
-    if cfg.aug == "3aug":
+    if cfg.aug in ("3aug", "3aug_src"):
         train_tf = three_augment(cfg, mean, std)
     else:
         train_tf = create_transform(
-            **common, is_training=True, no_aug=cfg.aug == "none", hflip=cfg.hflip,
+            **(common | {"interpolation": cfg.train_interpolation or cfg.interpolation}),
+            is_training=True, no_aug=cfg.aug == "none", hflip=cfg.hflip,
             color_jitter=cfg.color_jitter or 0.0, auto_augment=cfg.auto_augment, re_prob=cfg.reprob,
         )
     eval_tf = create_transform(**common, is_training=False, crop_pct=cfg.crop_pct)
@@ -336,10 +372,10 @@ def build_data(cfg: Config, *, device: torch.device, rank: int = 0, world: int =
         if cfg.val_subset:
             va = (va[0][: cfg.val_subset], va[1][: cfg.val_subset])
         mean, std = norm_stats(cfg)
-        aug = cfg.aug in ("crop_flip", "timm", "3aug")
+        aug = cfg.aug in ("crop_flip", "timm", "3aug", "3aug_src")
         common = dict(mean=mean, std=std, seed=cfg.seed, rank=rank, world=world, device=device,
                       channels_last=cfg.channels_last, img_size=cfg.img_size)
-        train = TensorData(*tr, batch_size=cfg.batch_size, train=True,
+        train = TensorData(*tr, batch_size=cfg.batch_size, train=True, repeats=cfg.repeated_aug,
                            crop_pad=cfg.crop_pad if aug else 0, hflip=cfg.hflip if aug else 0.0, **common)
         val = TensorData(*va, batch_size=eval_bs, train=False, **common)
         return train, val
@@ -363,6 +399,9 @@ def build_data(cfg: Config, *, device: torch.device, rank: int = 0, world: int =
         raise MaskSubError(f"cannot read data set {cfg.data!r}: {e}") from None
     train_ds.transform, val_ds.transform, plain_ds.transform = train_tf, eval_tf, eval_tf
     if isinstance(train_ds, torch.utils.data.IterableDataset):
+        if cfg.repeated_aug:
+            raise MaskSubError("repeated_aug needs an indexable data set (an ImageFolder or hfds/...), "
+                               f"not the stream {cfg.data!r}; set repeated_aug=0")
         common = dict(workers=cfg.workers, device=device, channels_last=cfg.channels_last)
         return (StreamData(train_ds, batch_size=cfg.batch_size, train=True, **common),
                 StreamData(val_ds, batch_size=eval_bs, train=False, **common))
@@ -376,6 +415,7 @@ def build_data(cfg: Config, *, device: torch.device, rank: int = 0, world: int =
         val_ds = Subset(val_ds, range(min(cfg.val_subset, len(val_ds))))
     common = dict(seed=cfg.seed, rank=rank, world=world, workers=cfg.workers, device=device,
                   channels_last=cfg.channels_last)
-    train = LoaderData(train_ds, batch_size=cfg.batch_size, train=True, plain_dataset=plain_ds, **common)
+    train = LoaderData(train_ds, batch_size=cfg.batch_size, train=True, plain_dataset=plain_ds,
+                       repeats=cfg.repeated_aug, **common)
     val = LoaderData(val_ds, batch_size=eval_bs, train=False, **common)
     return train, val

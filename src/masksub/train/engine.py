@@ -107,7 +107,7 @@ class Trainer:
                 refused = e
         if D.any_flag(refused is not None, self.dist, self.device):
             raise refused or MaskSubError("rank 0 refused the run directory (see its message)")
-        model = build_model(cfg).to(self.device)
+        model = build_model(cfg, pretrained=resume_ckpt is None).to(self.device)  # a resume has its weights
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model_raw = model
@@ -498,6 +498,8 @@ class Trainer:
         while self.epoch < cfg.epochs and stopped is None:
             ep_t0 = time.perf_counter()
             self.ms.model.train()
+            if cfg.sched_step == "epoch":  # DeiT-III / RSB: the lr changes at epoch starts only
+                self.scheduler.step(max(self.epoch - cfg.sched_epoch_lag, 0))
             self._it = self.train_data.iterate(self.epoch, self.step_in_epoch * cfg.accum_steps)
             bar = progress(upe, f"epoch {self.epoch + 1}/{cfg.epochs}", enabled=main and cfg.progress,
                            initial=self.step_in_epoch)

@@ -74,15 +74,20 @@ def save(path: str | Path, payload: dict[str, Any]) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)  # make the rename itself durable
+    return path
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries, so a rename in it survives a crash (best effort)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
     except OSError:
         pass
-    return path
 
 
 def _write(f: Any, data: memoryview) -> None:

@@ -131,17 +131,6 @@ def even(batches: Iterable[Any], pad: Callable[[Tensor], Any], d: Any, device: t
 
 
 # -- checkpoints ------------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """DCP warns that it "assumes the intent is to save/load in a single process": it is."""
@@ -181,7 +170,7 @@ def save(run_dir: Path, name: str, state: dict[str, Any], model: nn.Module,
         k += 1
         tag = f"{stem}-{state['global_step']:09d}-{k}.dcp"
     os.replace(tmp, run_dir / tag)
-    _fsync_dir(run_dir)
+    ckpt_mod.fsync_dir(run_dir)
     payload = {k2: v for k2, v in state.items() if k2 not in ("model", "optimizer")}
     payload["sharded"] = tag
     path = ckpt_mod.save(run_dir / name, payload)

@@ -24,8 +24,9 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> dict:
     assert rc == 0
     files = sorted(Path(out).glob("*.json"))
     assert len(files) == 1 and "cpu" in files[0].name
-    assert files[0].with_suffix(".txt").read_text().startswith("masksub bench on cpu")
-    return json.loads(files[0].read_text())
+    txt = files[0].with_suffix(".txt").read_text()
+    assert txt.startswith("masksub bench on cpu")
+    return {**json.loads(files[0].read_text()), "_txt": txt}
 
 
 def _row(res: dict, model: str, label: str) -> dict:
@@ -49,7 +50,27 @@ def test_every_setting_measured_with_sane_values(result: dict) -> None:
     assert _row(result, "tiny_vit", "standard")["time_ratio"] == 1.0
     meta = result["meta"]
     assert meta["steps"] == 2 and meta["warmup"] == 1 and meta["dtype"] == "fp32"
-    assert result["goals"] == []  # goals are GPU claims
+    assert meta["complete"] is True
+
+
+def test_the_papers_claim_is_printed_beside_the_measured_ratios(result: dict) -> None:
+    """The paper: about x1.5 compute for ViT (tokens removed), x2 where the sub forward keeps its
+    size (CNN, DropSub), no extra memory in the two-backward order."""
+    claim = {(c["model"], c["label"]): c for c in result["paper_claim"]}
+    assert claim[("tiny_vit", "masksub mask memory")]["paper_compute"] == 1.5
+    assert claim[("tiny_vit", "paper mask two-backward")]["paper_compute"] == 1.5
+    assert claim[("tiny_vit", "masksub dropout memory")]["paper_compute"] == 2.0
+    assert claim[("tiny_resnet", "masksub mask memory")]["paper_compute"] == 2.0
+    assert claim[("tiny_vit", "masksub mask memory")]["paper_memory"] == 1.0
+    assert claim[("tiny_vit", "masksub mask fused")]["paper_memory"] is None  # one backward: more memory
+    row = _row(result, "tiny_vit", "masksub mask memory")
+    assert claim[("tiny_vit", "masksub mask memory")]["time_ratio"] == row["time_ratio"]
+    assert len(claim) == 2 * (1 + 2 + 2)  # per model: paper, mask and dropout in both orders
+    txt = result["_txt"]
+    assert "the paper's claim: about x1.5" in txt and "x2 for CNNs" in txt and "no extra memory" in txt
+    line = next(x for x in txt.splitlines() if x.split()[:4] == ["tiny_vit", "masksub", "mask", "memory"]
+                and "x1.5" in x)
+    assert f"{row['time_ratio']:.3f}" in line
 
 
 def test_flop_fractions_are_counted(result: dict) -> None:
@@ -113,7 +134,7 @@ def test_mae_masking_and_paper_model() -> None:
     assert 0.4 < half / full < 0.6
 
 
-def test_default_gpu_plan_is_the_issues() -> None:
+def test_default_gpu_plan_covers_every_model() -> None:
     from masksub.bench.cli import Setting, default_plan
     from masksub.bench.steps import GPU_MODELS
 
@@ -158,3 +179,28 @@ def test_bad_numbers_fail_before_any_work(flags: list[str], tmp_path: Path,
     err = capsys.readouterr().err
     assert "masksub bench: error:" in err and flags[0].lstrip("-").split("-")[0] in err
     assert not list(tmp_path.iterdir())
+
+
+def test_rows_are_on_disk_as_they_finish(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bench stopped by a time limit after two rows keeps those two rows, with their ratios, in
+    a whole JSON file marked incomplete (before, the JSON was written at the end only)."""
+    from masksub.bench import cli as bench_cli
+
+    real, done = bench_cli.measure, []
+
+    def measure_then_stop(*a, **k):
+        if len(done) == 2:
+            raise KeyboardInterrupt  # what a SIGINT at the limit does
+        done.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(bench_cli, "measure", measure_then_stop)
+    rc = cli.main(["bench", "--device", "cpu", "--models", "tiny_vit", "--variants", "standard,masksub,off",
+                   "--orders", "memory", "--batch", "2", "--steps", "1", "--warmup", "0", "--out", str(tmp_path)])
+    assert rc == 130
+    files = list(tmp_path.glob("*.json"))
+    assert len(files) == 1 and not list(tmp_path.glob("*.tmp"))
+    res = json.loads(files[0].read_text())
+    assert [r["label"] for r in res["rows"]] == ["standard", "masksub mask memory"]
+    assert res["meta"]["complete"] is False
+    assert res["rows"][1]["time_ratio"] > 0 and res["paper_claim"][0]["paper_compute"] == 1.5

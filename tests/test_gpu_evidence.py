@@ -1,8 +1,11 @@
-"""``benchmarks/gpu_evidence.sh`` (masksub.bench.evidence): the one prepared GPU call, its time
-guard, goal checks and archive, and its CPU rehearsal (the same stages on tiny stand-ins)."""
+"""``benchmarks/gpu_evidence.sh`` (``benchmarks/gpu_evidence.py``): the project's GPU campaign in
+one call, its time guard, goal checks and archive, and its CPU rehearsal (the same stages and
+commands on tiny stand-ins)."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -16,10 +19,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from masksub.bench import evidence as ev
 from masksub.cli import build_parser
+from masksub.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_script():
+    """The campaign is a script under benchmarks/, not a module of the package: load it by path."""
+    spec = importlib.util.spec_from_file_location("gpu_evidence", ROOT / "benchmarks" / "gpu_evidence.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up by name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+ev = _load_script()
 DATA = Path("/data/fmnist")  # any path: the commands are only parsed
 
 
@@ -71,7 +86,7 @@ def test_every_stage_command_parses_and_builds_its_plan(rehearsal: bool) -> None
                     assert args.budget_ratio == pytest.approx(1.6)
 
 
-def test_the_plan_covers_the_issue() -> None:
+def test_the_plan_covers_every_goal_model() -> None:
     plan = {s.name: s for s in ev.make_plan()}
     for model in ("vit_b", "vit_s", "vit_l", "resnet50", "swin_t"):
         rows = ev.bench_rows(plan[f"bench-{model}"])
@@ -94,7 +109,7 @@ def test_the_required_stages_fit_the_default_budget_by_their_estimates() -> None
     required = [s for s in plan if s.name not in ("bench-vit_b-compiled-2", "compare-masking", "compare-samebudget")]
     total = sum(ev.estimate_s(s, m, rehearsal=False) for s in required)
     assert total <= ev.BUDGET_S - ev.RESERVE_S, total
-    assert ev.BUDGET_S + 30 <= 480  # the call's 8 minutes, with room for the summary and archive
+    assert ev.BUDGET_S + 30 <= 480  # 8 minutes of GPU time, with room for the summary and archive
 
 
 def test_compare_estimates_follow_what_was_measured() -> None:
@@ -235,14 +250,14 @@ def test_export_packs_the_results_without_checkpoints(tmp_path: Path) -> None:
     (out / "summary.md").write_text("# s\n")
     (out / "summary.json").write_text("{}\n")
     (out / "evidence.log").write_text("log\n")
-    files = ev.export(out, tmp_path / "OUT")
-    assert len(files) <= 8  # the device tool brings back at most 8 files, named plainly
+    files = ev.export(out, tmp_path / "archive")
+    assert len(files) == 4  # a few plain files, easy to carry away
     assert all(re.fullmatch(r"[A-Za-z0-9._-]+", f.name) for f in files)
-    with tarfile.open(tmp_path / "OUT" / "gpu-evidence.tar.gz") as tar:
+    with tarfile.open(tmp_path / "archive" / "gpu-evidence.tar.gz") as tar:
         names = tar.getnames()
     assert "gpu/compare-core/baseline-seed0/baseline-seed0/metrics.jsonl" in names
     assert not any(n.endswith(".pt") for n in names)
-    assert (tmp_path / "OUT" / "summary.md").read_text() == "# s\n"
+    assert (tmp_path / "archive" / "summary.md").read_text() == "# s\n"
 
 
 def test_refuses_without_cuda_before_any_work(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -256,7 +271,6 @@ def test_refuses_without_cuda_before_any_work(tmp_path: Path, monkeypatch, capsy
 
 @pytest.mark.parametrize("flags, message", [
     (["--stages", "bench-vit_b,compare-cor"], "compare-cor"),
-    (["--in-process"], "--in-process is for --rehearsal"),
     (["--rehearsal", "--jobs", "0"], "--jobs"),
     (["--rehearsal", "--stages", "compare-core", "--data-dir", "/nonexistent"], "--stage-data"),
     (["--rehearsal", "--budget", "5"], "--budget"),
@@ -279,8 +293,8 @@ def test_the_script_refuses_without_cuda(tmp_path: Path) -> None:
 
 
 # -- the CPU rehearsal ---------------------------------------------------------------------------------------
-# The GPU call's stages on tiny stand-ins, in this process (a fresh interpreter per stage costs more
-# than the work here), in two tests of under a minute of CPU each: eager bench + compare, and the
+# The GPU call's stages on tiny stand-ins, their commands run in this process (a fresh interpreter
+# per stage costs more than the work here; run_processes itself is tested above), in two tests of under a minute of CPU each: eager bench + compare, and the
 # compiled bench. bench-vit_s and bench-vit_l run the same tiny ViT with the same rows as
 # bench-vit_b; their commands are checked above.
 EAGER_AND_COMPARE = ["bench-vit_b", "bench-resnet50", "bench-swin_t", "compare-core", "compare-masking",
@@ -288,10 +302,25 @@ EAGER_AND_COMPARE = ["bench-vit_b", "bench-resnet50", "bench-swin_t", "compare-c
 COMPILED = ["bench-vit_b-compiled", "bench-vit_b-compiled-2"]
 
 
+def run_in_this_process(commands: list[tuple[list[str], Path]], deadline: float, env: dict[str, str]):
+    """The script's runner, but each stage's command (the same argv) is given to masksub's CLI in
+    this process, one after another, its output in the same log file."""
+    codes, walls = [], []
+    for argv, log in commands:
+        assert argv[1:3] == ["-m", "masksub.cli"], argv
+        log.parent.mkdir(parents=True, exist_ok=True)
+        t = time.monotonic()
+        with log.open("w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+            print("$ " + " ".join(argv), flush=True)
+            codes.append(cli_main(argv[3:]))
+        walls.append(time.monotonic() - t)
+    return codes, walls
+
+
 def _rehearse(tmp_path: Path, monkeypatch, stages: list[str]) -> tuple[Path, Path, dict]:
-    out, export = tmp_path / "gpu", tmp_path / "OUT"
-    monkeypatch.setenv("OUT", str(export))
-    assert ev.main(["--rehearsal", "--in-process", "--out", str(out), "--stages", ",".join(stages)]) == 0
+    out, export = tmp_path / "gpu", tmp_path / "archive"
+    monkeypatch.setattr(ev, "run_processes", run_in_this_process)
+    assert ev.main(["--rehearsal", "--archive", str(export), "--out", str(out), "--stages", ",".join(stages)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     status = {s["stage"]: s["status"] for s in summary["stages"]}
     assert all(status[s] == "done" for s in stages), status

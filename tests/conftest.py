@@ -1,8 +1,17 @@
-"""Tiny real models (timm, Hugging Face) built from config: no downloads, CPU, milliseconds."""
+"""Tiny real models (timm, Hugging Face) built from config: no downloads, CPU, milliseconds; and
+the helpers of the tests that start processes (process groups, signals), safe when the suite
+runs on several cores at once (pytest-xdist): no fixed port, every file under the test's tmp."""
 
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -72,3 +81,62 @@ def assert_fails_before_forward(model, call, match):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# -- processes ---------------------------------------------------------------------------------
+def free_port() -> int:
+    """A TCP port free right now on 127.0.0.1 (for a process that must listen on one; a process
+    group is better started through ``spawn_ranks``, which needs no port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(worker: Callable[[int, str, str], None], world: int, tmp: Path) -> list[Any]:
+    """Run ``worker(rank, init_method, out_dir)`` in ``world`` fresh processes and return what each
+    rank saved with ``torch.save(..., out_dir/f"rank{rank}.pt")``. The ranks meet through a file in
+    ``tmp`` (``init_method="file://..."`` for ``dist.init_process_group``): no port to clash with
+    another test running at the same time. A rank that raises fails the caller."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    tmp.mkdir(parents=True, exist_ok=True)
+    rendezvous = tmp / "rendezvous"
+    mp.spawn(worker, args=(f"file://{rendezvous}", str(tmp)), nprocs=world, join=True)
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
+
+
+def signal_when(cmd: list[str], ready: Callable[[], bool], sig: int, *, env: dict[str, str] | None = None,
+                group: bool = False, wait_s: float = 120.0, timeout: float = 300.0) -> tuple[int, str, str]:
+    """Start ``cmd``, wait until ``ready()`` (at most ``wait_s``, or until it ends by itself), send
+    it ``sig`` (``group``: to its whole process group, as a scheduler does to torchrun and its
+    workers), and wait for it to end. Returns (exit code, stdout, stderr); never leaves it running."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.05)
+        if proc.poll() is None:
+            if group:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, out, err
+
+
+def lines_at_least(path: Path, n: int) -> Callable[[], bool]:
+    """``ready`` for ``signal_when``: the file (e.g. a run's metrics.jsonl) has ``n`` lines."""
+    def ready() -> bool:
+        try:
+            return len(path.read_text().splitlines()) >= n
+        except OSError:
+            return False
+    return ready

@@ -4,13 +4,11 @@ and the same gradients as one process on the full batch."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import tiny_vit
+from conftest import spawn_ranks, tiny_vit
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -52,9 +50,9 @@ def grads_of(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def worker(rank, port, out_dir):
+def worker(rank, init_method, out_dir):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD)
     try:
         x, y = data()
         mine = slice(rank * 2, rank * 2 + 2)
@@ -101,19 +99,9 @@ def worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return spawn_ranks(worker, WORLD, tmp_path_factory.mktemp("ddp"))
 
 
 def reference(order, micro):

@@ -10,13 +10,11 @@ included.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import tiny_resnet, tiny_swin, tiny_vit
+from conftest import spawn_ranks, tiny_resnet, tiny_swin, tiny_vit
 from torch import nn
 
 from masksub import MaskSub, MaskSubError
@@ -83,11 +81,11 @@ def full_grads(model):
     return out
 
 
-def worker(rank, port, out_dir):
+def worker(rank, init_method, out_dir):
     from masksub.train.fsdp import shard_model
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD)
     mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
     res = {}
     try:
@@ -186,19 +184,9 @@ def worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def fsdp_results(tmp_path_factory):
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    out = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return spawn_ranks(worker, WORLD, tmp_path_factory.mktemp("fsdp"))
 
 
 def reference(name, order, micro, seed):

@@ -9,11 +9,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import lines_at_least, signal_when
 
 from masksub.train import checkpoint
 from masksub.train.cli_eval import evaluate_checkpoint
@@ -52,21 +52,10 @@ def test_fsdp_sigterm_resume_equals_uninterrupted(tmp_path: Path) -> None:
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     run = tmp_path / "cut"
-    proc = subprocess.Popen(torchrun(*TINY, "--output", str(tmp_path), "--run-name", "cut"), env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        metrics = run / "metrics.jsonl"
-        while time.time() < deadline and proc.poll() is None:
-            if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-                break
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler does: torchrun and both workers
-        _, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    err = err.decode()
+    # SIGTERM to the process group, as a scheduler does: torchrun and both workers
+    _rc, _out, err = signal_when(torchrun(*TINY, "--output", str(tmp_path), "--run-name", "cut"),
+                                 lines_at_least(run / "metrics.jsonl", 2), signal.SIGTERM, env=env(), group=True,
+                                 wait_s=300, timeout=300)
     assert "stopped by SIGTERM" in err, err[-3000:]
     ck = checkpoint.load(run)
     assert 2 <= ck["global_step"] < 8, "the signal came too late to interrupt the run"

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import lines_at_least, signal_when
 
 from masksub.cli import main
 from masksub.train import checkpoint
@@ -26,22 +25,9 @@ TINY = ["--recipe", "fashion-mnist", "--data", "synthetic", "--set", "synthetic_
 def test_signal_writes_checkpoint_and_resumes(tmp_path: Path, sig: int, code: int) -> None:
     run = tmp_path / "s"
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
-    proc = subprocess.Popen([sys.executable, "-m", "masksub.cli", "train", *TINY, "--output", str(tmp_path),
-                             "--run-name", "s"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 120
-        metrics = run / "metrics.jsonl"
-        while time.time() < deadline and proc.poll() is None:
-            if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-                break
-            time.sleep(0.1)
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    err = err.decode()
-    assert proc.returncode == code, err[-2000:]
+    cmd = [sys.executable, "-m", "masksub.cli", "train", *TINY, "--output", str(tmp_path), "--run-name", "s"]
+    rc, _out, err = signal_when(cmd, lines_at_least(run / "metrics.jsonl", 3), sig, env=env, timeout=120)
+    assert rc == code, err[-2000:]
     assert f"stopped by {signal.Signals(sig).name}" in err
     ck = checkpoint.load(run)
     steps = [json.loads(s)["step"] for s in (run / "metrics.jsonl").read_text().splitlines()]

@@ -83,6 +83,24 @@ def _seed():
     torch.manual_seed(0)
 
 
+# -- running on several cores (pytest-xdist, configured in pyproject.toml) ----------------------
+# Modules whose module-scoped fixture is costly (a training run, a process group, a bench run):
+# their tests stay on one worker, so the fixture runs once.
+ONE_WORKER = ("test_bench.py", "test_checkpoint.py", "test_ddp.py", "test_fsdp.py")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Keep the costly-fixture modules on one worker each, and hand out the modules with the
+    longest tests first (whole modules, in their own order: module fixtures still run once), so
+    that the last minutes are not one long test running while the other cores idle."""
+    for item in items:
+        if item.path.name in ONE_WORKER:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+    heavy = {item.path for item in items if item.get_closest_marker("slow") or item.path.name in ONE_WORKER}
+    items.sort(key=lambda item: item.path not in heavy)  # stable: the order within a module is kept
+
+
 # -- processes ---------------------------------------------------------------------------------
 def free_port() -> int:
     """A TCP port free right now on 127.0.0.1 (for a process that must listen on one; a process

@@ -61,8 +61,8 @@ def test_kill_9_while_best_is_written_leaves_best_and_last_consistent(tmp_path: 
     assert train(tmp_path, "b", "--set", "epochs=3", "--set", "ema=false", "--max-steps", "1") == 0
     run = tmp_path / "b"
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", **{SLOW_CHECKPOINT: "60", SLOW_ONLY: "best.pt"})
-    proc = subprocess.Popen([sys.executable, LAUNCHER, "train", "--resume", str(run)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, LAUNCHER, "train", "--resume", str(run), "--set", "max_steps=0"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:  # the end of epoch 1: best.pt's write stalls half-way
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:

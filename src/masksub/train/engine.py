@@ -480,7 +480,9 @@ class Trainer:
             self.log.close()
 
     def _lost_peer_message(self, e: BaseException) -> str:
-        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        text = str(e).lower()
+        why = next((w for w in ("connection reset", "connection closed", "broken pipe", "connection refused",
+                                "timeout", "timed out") if w in text), type(e).__name__)
         return (f"another process of this run ended (rank {self.dist.rank} of {self.dist.world} lost its peers at "
                 f"step {self.global_step}: {why}); no checkpoint was written now: {self.saver.intact()}. "
                 f"Continue with the same number of processes: torchrun --nproc_per_node {self.dist.world} "

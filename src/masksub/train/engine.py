@@ -238,7 +238,7 @@ class Trainer:
     def _repair_best(self) -> None:
         """A resumed run whose best.pt is missing (an older writer killed between last.pt and it):
         rewritten when last.pt is that best state, else the best is measured again."""
-        if self.best_epoch <= 0 or not self.saver.best_is_missing(self.best_epoch):
+        if self.best_epoch <= 0 or not self.saver.best_is_missing(self.best_epoch, self.epoch):
             return
         if self.epoch == self.best_epoch and self.step_in_epoch == 0:
             self.saver.save({**self._state(), "eval_weights": self.best_weights}, "best.pt")
@@ -704,9 +704,11 @@ def train(cfg: Config, *, resume: str | None = None, run_dir: str | None = None,
 
 def _lost_peer(e: BaseException) -> bool:
     """A collective that failed because another process of the run died (gloo / NCCL)."""
-    text = f"{type(e).__name__} {e}".lower()
-    return any(s in text for s in ("connection reset", "connection closed", "broken pipe", "distbackenderror",
-                                   "connection refused", "nccl", "gloo", "peer"))
+    import torch.distributed as dist
+
+    text = str(e).lower()
+    return isinstance(e, getattr(dist, "DistBackendError", ())) or any(
+        s in text for s in ("connection reset", "connection closed", "broken pipe", "connection refused"))
 
 
 def _world_message(ck: dict[str, Any], world: int, run_dir: Any) -> str:

@@ -42,11 +42,10 @@ class Saver:
                 f"the model weights or optimizer state are not finite after step {state['global_step'] - 1} "
                 f"(e.g. {', '.join(bad[:3]) or 'on another rank'}); no checkpoint was written: "
                 f"{self.intact()}. Lower lr, raise warmup_epochs, set clip_grad, or use bf16 instead of fp16")
+        path: Path | None = None
         if self.fsdp is not None:  # every rank writes its shards
             path = self.fsdp.save(self.run_dir, name, state, self.model, self.optimizer, self.dist.main)
-        elif not self.dist.main:
-            return None
-        else:
+        elif self.dist.main:  # the others know its step too: any rank may have to say which is intact
             try:
                 path = ckpt_mod.save(self.run_dir / name, state)
             except OSError as e:
@@ -65,14 +64,16 @@ class Saver:
             self.save({**state, "eval_weights": scored}, "best.pt")
         self.save(state)
 
-    def best_is_missing(self, best_epoch: int) -> bool:
-        """True if ``best.pt`` is absent or holds another epoch than ``best_epoch`` (asked by every rank,
-        answered by rank 0's look at the disk)."""
+    def best_is_missing(self, best_epoch: int, epoch: int) -> bool:
+        """True if ``best.pt`` is absent or holds an older epoch than ``best_epoch``, the best that
+        ``last.pt`` (at ``epoch``) names. A newer one (written before a ``last.pt`` that a kill
+        prevented) is kept: the resumed run replays that epoch and writes it again. Asked by every
+        rank, answered by rank 0's look at the disk."""
         missing = False
         if self.dist.main and best_epoch > 0:
-            path = self.run_dir / "best.pt"
             try:
-                missing = ckpt_mod.load(path).get("best_epoch") != best_epoch
+                held = ckpt_mod.load(self.run_dir / "best.pt").get("best_epoch", -1)
+                missing = held != best_epoch and held <= epoch
             except MaskSubError:
                 missing = True
         return D.any_flag(missing, self.dist, self.device)

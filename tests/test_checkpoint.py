@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from faults import SLOW_CHECKPOINT
 
 from masksub.cli import main
 from masksub.errors import MaskSubError
@@ -84,9 +85,9 @@ def test_kill_9_during_checkpoint_write_then_resume(tmp_path: Path) -> None:
                  "--run-name", "k"]) == 0
     good = (run / "last.pt").read_bytes()
     # resume with checkpoints every step, each write stalled half-way (test hook), and SIGKILL it
-    cmd = [sys.executable, "-m", "masksub.cli", "train", "--resume", str(run), "--set", "max_steps=0",
-           "--set", "checkpoint_every=1", "--set", "threads=1"]
-    proc = subprocess.Popen(cmd, env=dict(env, **{checkpoint.SLOW_ENV: "60"}),
+    cmd = [sys.executable, str(Path(__file__).with_name("fault_launcher.py")), "train", "--resume", str(run),
+           "--set", "max_steps=0", "--set", "checkpoint_every=1", "--set", "threads=1"]
+    proc = subprocess.Popen(cmd, env=dict(env, **{SLOW_CHECKPOINT: "60"}),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         tmp = _wait_for_temp(run, proc)

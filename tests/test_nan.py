@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from faults import patch_steps
 
 from masksub.cli import main
 from masksub.train import checkpoint
-from masksub.train.engine import NAN_ENV
 
 TINY = ["train", "--recipe", "fashion-mnist", "--data", "synthetic", "--set", "synthetic_size=24",
         "--set", "synthetic_val_size=4", "--batch-size", "4", "--epochs", "1",
@@ -25,7 +25,7 @@ def finite(run: Path) -> bool:
 
 
 def test_one_nan_step_is_skipped_and_counted(tmp_path: Path, monkeypatch, capsys) -> None:
-    monkeypatch.setenv(NAN_ENV, "2")
+    patch_steps(monkeypatch.setattr, nan_loss=[2])
     assert main([*TINY, "--output", str(tmp_path), "--run-name", "n"]) == 0
     assert "non-finite loss at step 2" in capsys.readouterr().err
     recs = [json.loads(s) for s in (tmp_path / "n" / "metrics.jsonl").read_text().splitlines()]
@@ -37,7 +37,7 @@ def test_one_nan_step_is_skipped_and_counted(tmp_path: Path, monkeypatch, capsys
 
 @pytest.mark.parametrize("amp", ["none", "fp16"])
 def test_nan_in_a_row_stops_with_checkpoint(tmp_path: Path, monkeypatch, capsys, amp: str) -> None:
-    monkeypatch.setenv(NAN_ENV, "2,3,4")
+    patch_steps(monkeypatch.setattr, nan_loss=[2, 3, 4])
     assert main([*TINY, "--amp", amp, "--output", str(tmp_path), "--run-name", "s"]) == 3
     err = capsys.readouterr().err
     assert "not finite for 3 steps in a row (steps 2-4); stopped at step 4" in err
@@ -45,7 +45,7 @@ def test_nan_in_a_row_stops_with_checkpoint(tmp_path: Path, monkeypatch, capsys,
     assert ck["global_step"] == 5 and ck["nonfinite_total"] == 3
     assert finite(tmp_path / "s")
     # the saved weights are those after step 1 (before the first bad one): rerun 2 steps, compare
-    monkeypatch.delenv(NAN_ENV)
+    monkeypatch.undo()
     assert main([*TINY, "--amp", amp, "--max-steps", "2", "--output", str(tmp_path), "--run-name", "ref"]) == 0
     ref = checkpoint.load(tmp_path / "ref")["model"]
     for k, v in ck["model"].items():

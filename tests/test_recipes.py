@@ -317,8 +317,8 @@ def test_recipe_builds_and_steps(name: str, tmp_path: Path) -> None:
         assert t.ms.branch.name == "swin"
     before = [p.detach().clone() for p in t.model_raw.parameters()]
     t._it = t.train_data.iterate(0, 0)
-    ok, res = t._update()
-    assert ok and torch.isfinite(res[0]) and torch.isfinite(res[1])
+    stats = t._update()
+    assert stats is not None and torch.isfinite(stats.loss_main) and torch.isfinite(stats.loss_sub)
     changed = sum(not torch.equal(a, p) for a, p in zip(before, t.model_raw.parameters(), strict=True))
     assert changed > 0
     t.log.close()

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from faults import SLOW_CHECKPOINT, patch_steps
 
 from masksub.cli import main
 from masksub.train import checkpoint
-from masksub.train.engine import INF_UPDATE_ENV, NAN_ENV, NAN_GRAD_ENV
 
+LAUNCHER = str(Path(__file__).with_name("fault_launcher.py"))  # masksub with the test patches
 TINY = ["--recipe", "fashion-mnist", "--data", "synthetic", "--set", "synthetic_size=12",
         "--set", "synthetic_val_size=4", "--batch-size", "4", "--epochs", "1",
         "--set", "model_kwargs.depth=1", "--set", "model_kwargs.embed_dim=32",
@@ -42,7 +43,7 @@ def all_finite(sd: dict) -> bool:
 
 # -- case 1: a non-finite gradient with a finite loss ------------------------------------------
 def test_nonfinite_gradient_with_finite_loss_skips_the_step(tmp_path: Path, monkeypatch, capsys) -> None:
-    monkeypatch.setenv(NAN_GRAD_ENV, "1")
+    patch_steps(monkeypatch.setattr, nan_grad=[1])
     assert train(tmp_path, "g") == 0
     err = capsys.readouterr().err
     assert "non-finite gradient norm at step 1" in err
@@ -58,7 +59,7 @@ def test_nonfinite_weights_are_never_checkpointed(tmp_path: Path, monkeypatch, c
     assert train(tmp_path, "w", "--set", "epochs=20", "--max-steps", "2") == 0
     run = tmp_path / "w"
     good = (run / "last.pt").read_bytes()
-    monkeypatch.setenv(INF_UPDATE_ENV, "2")
+    patch_steps(monkeypatch.setattr, inf_update=[2])
     capsys.readouterr()
     rc = main(["train", "--resume", str(run), "--set", "checkpoint_every=1", "--set", "max_steps=0"])
     err = capsys.readouterr().err
@@ -73,7 +74,7 @@ def test_nonfinite_stop_after_bad_update_keeps_last_finite_checkpoint(tmp_path: 
     assert train(tmp_path, "s", "--set", "epochs=20", "--set", "synthetic_size=40", "--max-steps", "2") == 0
     run = tmp_path / "s"
     good = (run / "last.pt").read_bytes()
-    monkeypatch.setenv(INF_UPDATE_ENV, "2")
+    patch_steps(monkeypatch.setattr, inf_update=[2])
     capsys.readouterr()
     rc = main(["train", "--resume", str(run), "--set", "max_steps=0"])
     err = capsys.readouterr().err
@@ -165,7 +166,7 @@ def test_eval_refuses_nonfinite_weights(tmp_path: Path, capsys) -> None:
 
 # -- case 8: every step non-finite, fewer than nonfinite_max ------------------------------------
 def test_run_with_no_finite_step_does_not_exit_0(tmp_path: Path, monkeypatch, capsys) -> None:
-    monkeypatch.setenv(NAN_ENV, "0,1,2")
+    patch_steps(monkeypatch.setattr, nan_loss=[0, 1, 2])
     assert train(tmp_path, "z", "--set", "nonfinite_max=5") == 3
     out = capsys.readouterr()
     assert "loss 0.0000" not in out.err + out.out
@@ -205,8 +206,8 @@ def test_kill_9_between_epoch_line_and_checkpoint_does_not_duplicate_lines(tmp_p
     assert train(tmp_path, "straight", *base, "--max-steps", "4") == 0
     assert train(tmp_path, "cut", *base, "--max-steps", "2") == 0
     run = tmp_path / "cut"
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", **{checkpoint.SLOW_ENV: "60"})
-    proc = subprocess.Popen([sys.executable, "-m", "masksub.cli", "train", "--resume", str(run),
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", **{SLOW_CHECKPOINT: "60"})
+    proc = subprocess.Popen([sys.executable, LAUNCHER, "train", "--resume", str(run),
                              "--set", "max_steps=4"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:  # the checkpoint at the epoch end (step 3) stalls half-way, after its epoch line
         deadline = time.time() + 120
@@ -294,8 +295,8 @@ CMP = ["--recipe", "fashion-mnist", "--data", "synthetic", "--set", "synthetic_s
 def test_signal_stops_compare_and_resume_finishes_it(tmp_path: Path) -> None:
     out = tmp_path / "cmp"
     # every checkpoint write stalls 0.3 s (test hook), so the second run is still going at the signal
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", **{checkpoint.SLOW_ENV: "0.3"})
-    proc = subprocess.Popen([sys.executable, "-m", "masksub.cli", "compare", *CMP, "--out", str(out)], env=env,
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", **{SLOW_CHECKPOINT: "0.3"})
+    proc = subprocess.Popen([sys.executable, LAUNCHER, "compare", *CMP, "--out", str(out)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     second = out / "masksub-seed0" / "metrics.jsonl"
     try:

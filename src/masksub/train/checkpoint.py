@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import os
 import random
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +20,6 @@ from ..errors import MaskSubError
 
 FORMAT = "masksub-checkpoint"
 VERSION = 1
-# Test hook: seconds to stall half-way through writing (to SIGKILL a writer mid-write).
-SLOW_ENV = "MASKSUB_TEST_SLOW_CHECKPOINT"
 
 
 def rng_state() -> dict[str, Any]:
@@ -91,14 +88,8 @@ def fsync_dir(path: Path) -> None:
 
 
 def _write(f: Any, data: memoryview) -> None:
-    """The bytes into the open temporary file (a test fills the disk here)."""
-    slow = float(os.environ.get(SLOW_ENV, "0") or 0)
-    half = len(data) // 2
-    f.write(data[:half])
-    if slow:
-        f.flush()
-        time.sleep(slow)
-    f.write(data[half:])
+    """The bytes into the open temporary file: where a full disk (or a kill) interrupts a write."""
+    f.write(data)
 
 
 def load(path: str | Path, *, map_location: Any = "cpu", require: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -9,7 +9,9 @@ import json
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="a .pt file or a run directory (its last.pt)")
     p.add_argument("--data", help="data set (default: the one it was trained on)")
-    p.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    p.add_argument("--ema", action="store_true", default=None,
+                   help="evaluate the EMA weights (default: those that scored, for a best.pt)")
+    p.add_argument("--raw", dest="ema", action="store_false", help="evaluate the raw (non-EMA) weights")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
@@ -18,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also write the weights as a plain state dict (torch.load-able; pretrained_file=)")
 
 
-def evaluate_checkpoint(path: str, *, data: str | None = None, ema: bool = False,
+def evaluate_checkpoint(path: str, *, data: str | None = None, ema: bool | None = None,
                         batch_size: int | None = None, device: str | None = None,
                         sets: list[str] | None = None, export: str | None = None) -> dict:
     import torch
@@ -30,6 +32,8 @@ def evaluate_checkpoint(path: str, *, data: str | None = None, ema: bool = False
     from .data import build_data
 
     ck = checkpoint.load(path, require=("config", "model"))
+    if ema is None:  # a best.pt names the weights that scored best_top1 (raw or EMA)
+        ema = ck.get("eval_weights") == "ema"
     cfg = C.from_dict(ck["config"])
     ov = C.parse_sets(sets or [])
     if data:

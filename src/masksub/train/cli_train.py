@@ -87,7 +87,9 @@ def main(args: argparse.Namespace) -> int:
         from . import checkpoint
 
         saved = checkpoint.load(args.resume, require=("config", "model"))["config"]
-        cfg = C.from_dict(saved)
+        # max_steps limits the invocation that set it, not the run: a resume trains to the last
+        # epoch unless given --max-steps again
+        cfg = C.from_dict({**saved, "max_steps": 0})
         cfg = C.apply(cfg, ov, "the command line")
         C.validate(cfg)
         check_resume(saved, cfg, args.recipe, args.resume)

@@ -41,7 +41,7 @@ def check_config(cfg: Any) -> None:
 
 def setup(model: nn.Module, cfg: Any, distributed: bool, device: torch.device) -> Any:
     """Shard ``model`` for the trainer (one process: nothing to shard, checkpoints still
-    sharded-format so either world size can resume them); returns this module."""
+    sharded-format, so eval and export read them in any world size); returns this module."""
     if cfg.fsdp_activation_checkpointing:
         checkpoint_blocks(model)
     if distributed:
@@ -206,8 +206,8 @@ def sharded_dir(ck: dict[str, Any], path: str | Path) -> Path:
 
 
 def load(ck: dict[str, Any], path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Resume: each rank reads its shards of the model and optimizer state (any world size:
-    DCP reshards)."""
+    """Resume: each rank reads its shards of the model and optimizer state (DCP reshards:
+    eval reads them in one process; a resume keeps the run's world size)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 

@@ -40,6 +40,7 @@ from .build import (
 from .config import Config
 from .data import build_data
 from .logging import RunLog, progress
+from .param_groups import peak_lr
 
 # Test hook: comma-separated optimizer-update indices whose loss is made NaN.
 NAN_ENV = "MASKSUB_TEST_NAN_STEPS"
@@ -477,7 +478,7 @@ class Trainer:
         rec = {"kind": "step", "step": self.global_step, "epoch": self.epoch,
                "loss_main": (lm / n).item(),
                "loss_sub": (ls / n).item() if self.ms.branch is not None and not self.cfg.masking_only else None,
-               "lr": self.optimizer.param_groups[0]["lr"],
+               "lr": peak_lr(self.optimizer),
                "imgs_per_s": self._win["imgs"] * self.dist.world / dt, "skipped_nonfinite": self.nonfinite_total}
         self.log.write(rec, tb_step=self.global_step)
         return rec
@@ -613,7 +614,7 @@ class Trainer:
             rec["grad_norm_main"] = g[0].item()
             if self.ms.branch is not None and not cfg.masking_only:
                 rec["grad_norm_sub"] = g[1].item()
-        rec["lr"] = self.optimizer.param_groups[0]["lr"]
+        rec["lr"] = peak_lr(self.optimizer)
         rec["time_s"] = self.acc["time_s"]
         rec["skipped_nonfinite"] = self.acc["skipped"]
         rec["world_size"] = self.dist.world

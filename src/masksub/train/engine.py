@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .. import MaskSub
 from ..errors import MaskSubError
+from . import analysis
 from . import checkpoint as ckpt_mod
 from . import distributed as D
 from .build import (
@@ -130,6 +131,7 @@ class Trainer:
             self.analysis_ms = self.ms if same else MaskSub(
                 model, "mask", 0.5, family=cfg.family, kind=kind, amp_dtype=amp_dtype, **cfg.family_options)
             self.analysis_ms.validate(probe)
+            analysis.check(self.analysis_ms, model, probe)  # refused now, not at the end of epoch 1
 
         self.fsdp = None  # dist=fsdp: the model sharded now, after MaskSub added its parameters
         if cfg.dist == "fsdp":
@@ -336,7 +338,7 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         lm = torch.zeros((), device=self.device)
         ls = torch.zeros((), device=self.device)
-        gnm = gns = None
+        meter = analysis.GradNormMeter(self.step_ms, self.device) if gn else None  # Figure 2d, one scale
         n_img = 0
         for i in range(cfg.accum_steps):
             x, y = next(self._it)
@@ -346,14 +348,15 @@ class Trainer:
             last = i == cfg.accum_steps - 1
             scale = 1.0 / cfg.accum_steps
             out = self.step_ms.backward(x, y, crit, scaler=self.scaler if self.scaler.is_enabled() else None,
-                                        grad_norms=gn and last, sync=last, loss_scale=scale)
+                                        grad_norms=gn, sync=last, loss_scale=scale)
             total += out.loss
             lm += out.loss_main
             if out.loss_sub is not None:
                 ls += out.loss_sub
-            if out.grad_norm_main is not None:
-                gnm, gns = out.grad_norm_main, out.grad_norm_sub
+            if meter is not None:
+                meter.add(out, scale)
         k = cfg.accum_steps
+        gnm, gns = meter.result() if meter is not None else (None, None)
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
         gnorm = self._clip_and_norm()
@@ -440,11 +443,12 @@ class Trainer:
         torch.manual_seed(12345)
         batches = self.train_data.plain(self.cfg.analysis_subset)
         if self.fsdp is not None:
-            batches = self.fsdp.even(batches, lambda x: (ams.forward_main(x), ams.forward_sub(x)), self.dist,
+            batches = self.fsdp.even(batches, lambda x: (ams.forward_main(x), analysis.masked_forward(
+                ams, self.model_raw, x)), self.dist,
                                      self.device, self._probe_shape)
         for x, y in batches:
             lu = self.eval_criterion(ams.forward_main(x).float(), y)
-            lmask = self.eval_criterion(ams.forward_sub(x).float(), y)
+            lmask = self.eval_criterion(analysis.masked_forward(ams, self.model_raw, x).float(), y)
             sums += torch.stack([lu.double() * len(y), lmask.double() * len(y),
                                  torch.tensor(float(len(y)), device=self.device, dtype=torch.float64)])
         torch.set_rng_state(g)

@@ -527,3 +527,31 @@ def test_show_prints_the_new_keys_with_their_sources(capsys) -> None:
                       ("no_weight_decay", "relative_position_bias_table")):
         line = next(ln for ln in out.splitlines() if ln.strip().startswith(key + " "))
         assert word in line, line
+
+
+@pytest.mark.parametrize("setting, word", [
+    ("re_mode=noise", "re_mode"), ("re_count=0", "re_count"), ("layer_decay_rule=mae", "layer_decay_rule"),
+    ("pos_embed_resample=bilinear", "pos_embed_resample"), ("cls_token_init_std=-0.02", "cls_token_init_std"),
+    ("no_weight_decay=pos_embed", "no_weight_decay"),
+])
+def test_the_new_keys_refuse_bad_values(tmp_path: Path, capsys, setting: str, word: str) -> None:
+    from masksub.cli import main
+
+    rc = main(["train", "--recipe", "mae-ft-vit-b", "--data", "synthetic", "--set", setting,
+               "--output", str(tmp_path), "--run-name", "bad"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and word in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "bad").exists()
+
+
+def test_no_weight_decay_list_with_timms_grouping(tmp_path: Path) -> None:
+    """``no_weight_decay: []`` under timm's rule decays pos_embed (timm's own list spares it)."""
+    over = tiny("mae-ft-vit-b") | {"output": str(tmp_path), "layer_decay_rule": "timm"}
+    got = {}
+    for nwd in (None, []):
+        t = Trainer(C.load("mae-ft-vit-b", over | {"no_weight_decay": nwd, "run_name": f"r{nwd is None}"}))
+        names = {id(p): n for n, p in t.model_raw.named_parameters()}
+        got[nwd is None] = {names[id(p)]: g["weight_decay"] for g in t.optimizer.param_groups for p in g["params"]}
+        t.log.close()
+    assert got[True]["pos_embed"] == 0.0 and got[False]["pos_embed"] == 0.05
+    assert got[False]["blocks.0.norm1.weight"] == 0.0  # 1-D tensors stay out of weight decay

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from masksub import MaskSubError, relaxed_loss
 from masksub.branches.masks import block_mask, masked_count, random_mask, random_mask_among
-from masksub.branches.pixel import mask_pixels
+from masksub.branches.pixel import mask_pixels, pixel_count
 from masksub.branches.vit import TokenRemoval, kept_count
 from masksub.errors import check_ratio
 
@@ -78,7 +78,7 @@ def test_pixel_mask_fraction_and_alignment(ratio, batch, gh, gw, patch, dtype):
     zero = (out == 0).view(batch, 2, gh, patch, gw, patch)
     cells = zero.all(dim=(1, 3, 5))
     assert (zero.any(dim=(1, 3, 5)) == cells).all()
-    assert cells.flatten(1).sum(1).tolist() == [masked_count(gh * gw, ratio)] * batch
+    assert cells.flatten(1).sum(1).tolist() == [pixel_count(gh * gw, ratio)] * batch
 
 
 @FAST

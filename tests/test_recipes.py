@@ -44,6 +44,8 @@ DEIT_COMMON = {  # every DeiT-III stage-1 command
     "drop_path_uniform": (True, f"{AUGSUB} deit/models_v2.py dpr = [drop_path_rate ...]"),
     "model_kwargs": ({"init_values": 1e-4}, f"{AUGSUB} deit/models_v2.py init_values=1e-4"),
     "sub": ("mask", f"{DEIT_SRC} --augsub masking"), "ratio": (0.5, f"{DEIT_SRC} --augsub-ratio 0.5"),
+    "re_mode": ("pixel", f"{DEIT_MAIN} --remode"), "re_count": (1, f"{DEIT_MAIN} --recount"),
+    "cls_token_init_std": (0.02, f"{AUGSUB} deit/models_v2.py trunc_normal_(self.cls_token, std=.02)"),
 }
 DEIT_ROWS = {  # size: model, img, lr, per-GPU batch, drop-path 400 / 800
     "s": ("deit3_small_patch16_224", 224, 4e-3, 256, 0.0, 0.05),
@@ -75,6 +77,8 @@ for s, (bs, dp) in DEIT_FT.items():
         "crop_pct": (1.0, ft), "sched_step": ("epoch", DEIT_MAIN), "sched_epoch_lag": (1, DEIT_MAIN),
         "warmup_epochs": (5, DEIT_MAIN),
         "warmup_lr": (1e-6, DEIT_MAIN), "min_lr": (1e-5, DEIT_MAIN), "sub": ("mask", ft), "ratio": (0.5, ft),
+        "re_mode": ("pixel", f"{DEIT_MAIN} --remode"), "re_count": (1, f"{DEIT_MAIN} --recount"),
+        "pos_embed_resample": ("bicubic", f"{AUGSUB} deit/main.py F.interpolate(mode='bicubic', align_corners=False)"),
     }
 MAE = f"{AUGSUB} mae/README.md"
 MAE_MAIN = f"{AUGSUB} mae/main_finetune.py"
@@ -85,7 +89,10 @@ for s, model, ep, lr, ld, dp, bs, acc in (("b", "vit_base_patch16_224", 100, 2e-
         "model": (model, f"{AUGSUB} mae/models_vit.py"), "epochs": (ep, MAE),
         "lr": (lr, f"{MAE} --blr x 1024 / 256 ({MAE_MAIN})"), "batch_total": (1024, MAE),
         "batch_size": (bs, MAE), "accum_steps": (acc, f"{MAE} --accum_iter"),
-        "lr_scale": ("linear", f"{MAE_MAIN} lr = blr * eff_batch_size / 256"),
+        "lr_scale": ("linear_lr", f"{MAE_MAIN} lr = blr * eff_batch_size / 256 (min_lr as given)"),
+        "re_mode": ("pixel", f"{MAE_MAIN} --remode; mae/util/datasets.py"), "re_count": (1, f"{MAE_MAIN} --recount"),
+        "layer_decay_rule": ("beit", f"{AUGSUB} mae/util/lr_decay.py get_layer_id_for_vit"),
+        "no_weight_decay": (["pos_embed", "cls_token", "dist_token"], f"{MAE_MAIN} model.no_weight_decay()"),
         "layer_decay": (ld, MAE), "drop_path": (dp, MAE), "weight_decay": (0.05, MAE), "opt": ("adamw", MAE_MAIN),
         "opt_betas": ([0.9, 0.999], MAE_MAIN), "warmup_epochs": (5, MAE_MAIN), "min_lr": (1e-6, MAE_MAIN),
         "warmup_lr": (0.0, f"{AUGSUB} mae/util/lr_sched.py"), "warmup_prefix": (True, f"{AUGSUB} mae/util/lr_sched.py"),
@@ -108,6 +115,9 @@ for s, model, ep, lr, ld, bs, acc, wu in (("b", "beitv2_base_patch16_224", 100, 
         "mean": ([0.485, 0.456, 0.406], f"{BEIT} --imagenet_default_mean_and_std"),
         "warmup_lr": (0.0, "beit2/utils.py cosine_scheduler start_warmup_value=0"), "warmup_prefix": (True, BEIT_MAIN),
         "family": ("beit", "MaskSub paper: BEiT's own mask token"), "family_options": ({"block": True}, BEIT),
+        "re_mode": ("pixel", f"{BEIT_MAIN} --remode"), "re_count": (1, f"{BEIT_MAIN} --recount"),
+        "layer_decay_rule": ("beit", "microsoft/unilm beit2/optim_factory.py get_num_layer_for_vit"),
+        "no_weight_decay": (["pos_embed", "cls_token"], f"{BEIT_MAIN} skip list (no --disable_weight_decay_on_rel_pos_bias)"),
     }
 FTC = "LightDXY/FT-CLIP"
 for name, model, script, ep, lr, wu, ld, bs, acc in (
@@ -124,6 +134,9 @@ for name, model, script, ep, lr, wu, ld, bs, acc in (
         "warmup_lr": (0.0, f"{FTC} utils.py cosine_scheduler"), "warmup_prefix": (True, f"{FTC} utils.py"),
         "head_init_scale": (0.001, f"{FTC} models/finetune_clip.py"), "freeze": (["patch_embed."], f"{FTC} models/finetune_clip.py freeze_conv1"),
         "pretrained_exclude": (["norm."], f"{FTC} models/finetune_clip.py (no ln_post)"),
+        "re_mode": ("pixel", f"{ftm} --remode; {FTC} datasets.py"), "re_count": (1, f"{ftm} --recount"),
+        "layer_decay_rule": ("beit", f"{FTC} optim_factory.py get_num_layer_for_vit"),
+        "no_weight_decay": (["pos_embed", "cls_token"], f"{FTC} models/finetune_clip.py no_weight_decay()"),
         "model_kwargs": ({"global_pool": "avg", "fc_norm": False}, f"{FTC} models/finetune_clip.py fc_norm(x[:,1:]).mean(1)"),
     }
 RSB = f"{AUGSUB} resnet_rsb/README.md"
@@ -138,7 +151,7 @@ for m in ("resnet50", "resnet101", "resnet152"):
         "repeated_aug": (3, f"{RSB} --aug-repeats 3"), "reprob": (0.0, RSB), "color_jitter": (0.0, RSB),
         "crop_pct": (0.95, RSB), "bce": (True, RSB), "bce_target_thresh": (None, RSB_MAIN),
         "train_interpolation": ("random", RSB_MAIN), "img_size": (224, RSB), "ema": (False, RSB),
-        "lr_scale": ("none", RSB_MAIN),
+        "lr_scale": ("none", RSB_MAIN), "re_mode": ("pixel", f"{RSB_MAIN} --remode"), "re_count": (1, RSB_MAIN),
     }
 SWIN = f"{AUGSUB} swin/config.py"
 for s, m, dp in (("t", "swin_tiny_patch4_window7_224", 0.2), ("s", "swin_small_patch4_window7_224", 0.3),
@@ -152,8 +165,39 @@ for s, m, dp in (("t", "swin_tiny_patch4_window7_224", 0.2), ("s", "swin_small_p
         "warmup_epochs": (20, SWIN), "warmup_prefix": (False, SWIN), "sched_step": ("update", f"{AUGSUB} swin/lr_scheduler.py"),
         "clip_grad": (5.0, SWIN), "label_smoothing": (0.1, SWIN), "mixup": (0.8, SWIN), "cutmix": (1.0, SWIN),
         "reprob": (0.25, SWIN), "auto_augment": ("rand-m9-mstd0.5-inc1", SWIN),
+        "re_mode": ("pixel", f"{SWIN} _C.AUG.REMODE; swin/data/build.py"), "re_count": (1, f"{SWIN} _C.AUG.RECOUNT"),
     }
 PAPER = sorted(PUBLISHED)
+
+# Per parameter, the layer-decay recipes: (layer, weight decay on?) by the source's rule, for a
+# two-block model; layer "top" = scale 1.0, layer l = layer_decay ** (3 - l); None: not checked.
+LD_PARAMS: dict[str, tuple[dict[str, tuple], str]] = {
+    "mae-ft": ({"cls_token": (0, False), "pos_embed": (0, False), "patch_embed.proj.weight": (0, True),
+                "blocks.0.attn.qkv.weight": (1, True), "blocks.0.attn.qkv.bias": (1, False),
+                "blocks.1.norm1.weight": (2, False), "fc_norm.weight": ("top", False),
+                "head.weight": ("top", True), "head.bias": ("top", False)},
+               f"{AUGSUB} mae/util/lr_decay.py param_groups_lrd + get_layer_id_for_vit"),
+    "beitv2": ({"cls_token": (0, False), "masksub_mask_token": (0, None), "patch_embed.proj.weight": (0, True),
+                "blocks.0.attn.relative_position_bias_table": (1, True),
+                "blocks.1.attn.relative_position_bias_table": (2, True), "blocks.0.gamma_1": (1, False),
+                "blocks.1.attn.qkv.weight": (2, True), "fc_norm.weight": ("top", False),
+                "head.weight": ("top", True)},
+               "microsoft/unilm beit2/optim_factory.py get_parameter_groups + get_num_layer_for_vit; "
+               "run_class_finetuning.py skip list"),
+    "ftclip": ({"cls_token": (0, False), "pos_embed": (0, False), "norm_pre.weight": (0, False),
+                "blocks.0.attn.qkv.weight": (1, True), "blocks.1.mlp.fc1.weight": (2, True),
+                "blocks.1.mlp.fc1.bias": (2, False), "norm.weight": ("top", False), "norm.bias": ("top", False),
+                "head.weight": ("top", True)},
+               f"{FTC} optim_factory.py get_parameter_groups + get_num_layer_for_vit (fc_norm, head: the top)"),
+}
+# Initial values: (parameter, std, source)
+INIT_STD: dict[str, tuple[str, float, str]] = {
+    "mae-ft": ("head.weight", 2e-5, f"{AUGSUB} mae/main_finetune.py trunc_normal_(head.weight, std=2e-5)"),
+    "beitv2": ("head.weight", 2e-5, "microsoft/unilm beit2/modeling_finetune.py trunc_normal_(std=.02) x init_scale 0.001"),
+    "ftclip": ("head.weight", 2e-5, f"{FTC} models/finetune_clip.py trunc_normal_(std=.02) x 0.001"),
+    "deit3-vit-s-400": ("cls_token", 0.02, f"{AUGSUB} deit/models_v2.py trunc_normal_(self.cls_token, std=.02)"),
+    "deit3-vit-b-800": ("cls_token", 0.02, f"{AUGSUB} deit/models_v2.py trunc_normal_(self.cls_token, std=.02)"),
+}
 # -----------------------------------------------------------------------------------------------
 
 # A tiny version of each family: same model class, same code paths, a fraction of the size.
@@ -350,3 +394,164 @@ def test_lr_per_epoch_as_deit_steps_it(tmp_path: Path) -> None:
     want = [sched._get_lr(max(e - 1, 0))[0] for e in range(4)]
     assert [per_epoch[e].pop() for e in range(4)] == pytest.approx(want)
     assert want[0] == want[1] != want[2]
+
+
+# -- how each value is applied: built objects against the sources ------------------------------
+def _built(name: str, tmp_path: Path) -> Trainer:
+    return Trainer(C.load(name, tiny(name) | {"output": str(tmp_path)}))
+
+
+def _family(name: str, table: dict) -> str | None:
+    return next((k for k in table if name.startswith(k)), None)
+
+
+@pytest.mark.parametrize("name", [n for n in PAPER if _family(n, LD_PARAMS)])
+def test_layer_decay_per_parameter_as_the_source(name: str, tmp_path: Path) -> None:
+    """Every listed parameter's lr scale and weight decay in the built optimizer = the source's
+    rule (FT-CLIP's fc_norm at 1.0, BEiT v2's relative-position tables decayed, its mask token at
+    layer 0)."""
+    t = _built(name, tmp_path)
+    cfg = t.cfg
+    names = {id(p): n for n, p in t.model_raw.named_parameters()}
+    got = {names[id(p)]: (g.get("lr_scale", 1.0), g["weight_decay"]) for g in t.optimizer.param_groups for p in g["params"]}
+    want, src = LD_PARAMS[_family(name, LD_PARAMS)]
+    depth = len(t.model_raw.blocks)
+    assert depth == 2
+    wrong = {}
+    for pname, (layer, decay) in want.items():
+        scale = 1.0 if layer == "top" else cfg.layer_decay ** (depth + 1 - layer)
+        lr_scale, wd = got[pname]
+        if abs(lr_scale - scale) > 1e-9 or (decay is not None and wd != (cfg.weight_decay if decay else 0.0)):
+            wrong[pname] = {"got": (lr_scale, wd), "want": (scale, cfg.weight_decay if decay else 0.0)}
+    assert not wrong, f"{name} vs {src}: {wrong}"
+    t.log.close()
+
+
+@pytest.mark.parametrize("name", [n for n in PAPER if _family(n, INIT_STD)])
+def test_initial_values_as_the_source(name: str, tmp_path: Path) -> None:
+    """The classifier's start (MAE / BEiT v2 / FT-CLIP: std 2e-5) and DeiT-III's cls_token (.02)."""
+    pname, std, src = INIT_STD[_family(name, INIT_STD)]
+    cfg = C.load(name, tiny(name) | {"output": str(tmp_path)})
+    if pname == "cls_token":
+        cfg.model_kwargs["embed_dim"] = 384  # enough values for a std
+    from masksub.train.build import build_model
+
+    torch.manual_seed(0)
+    p = dict(build_model(cfg).named_parameters())[pname]
+    assert 0.75 * std < p.detach().float().std().item() < 1.25 * std, f"{name} {pname} std vs {src}"
+
+
+@pytest.mark.parametrize("name", [n for n in PAPER if PUBLISHED[n].get("reprob", (0,))[0] > 0])
+def test_random_erasing_is_the_sources_per_pixel_noise(name: str) -> None:
+    from timm.data.random_erasing import RandomErasing
+
+    cfg = C.load(name, tiny(name))
+    train_tf, _ = build_transforms(cfg)
+    er = [t for t in train_tf.transforms if isinstance(t, RandomErasing)]
+    assert len(er) == 1 and er[0].probability == pytest.approx(cfg.reprob)
+    assert er[0].mode == PUBLISHED[name]["re_mode"][0] == "pixel" and er[0].per_pixel
+    assert er[0].max_count == PUBLISHED[name]["re_count"][0]
+
+
+def test_mae_scales_lr_but_not_min_lr_and_swin_scales_both() -> None:
+    """MAE main_finetune.py: lr = blr x batch / 256, --min_lr as given; Swin main.py scales all."""
+    from masksub.train.build import effective_lr
+
+    mae = C.load("mae-ft-vit-b", {"data": "synthetic"})  # batch 128 on one process: 1/8 of 1024
+    lr, wlr, mlr, _ = effective_lr(mae, world=1)
+    assert lr == pytest.approx(2e-3 / 8) and mlr == pytest.approx(1e-6) and wlr == 0.0
+    swin = C.load("swin-t", {"data": "synthetic"})
+    lr, wlr, mlr, _ = effective_lr(swin, world=1)
+    assert lr == pytest.approx(1e-3 / 8) and mlr == pytest.approx(1e-5 / 8) and wlr == pytest.approx(1e-6 / 8)
+
+
+def test_deit_224_stage_resamples_pos_embed_as_deit_main(tmp_path: Path) -> None:
+    """deit main.py --finetune: plain F.interpolate bicubic, align_corners=False (timm's filter
+    antialiases: ~1% off on a smooth field)."""
+    import torch.nn.functional as F
+
+    from masksub.train.build import build_model
+
+    over = tiny("deit3-vit-b-ft224")
+    stage1 = C.load("deit3-vit-b-ft224", over | {"img_size": 96})  # grid 6 -> 4 at img 64
+    src_model = build_model(stage1)
+    grid = torch.linspace(0, 1, 6)
+    smooth = (torch.sin(3 * grid)[:, None] * torch.cos(2 * grid)[None, :]).reshape(1, 36, 1)
+    with torch.no_grad():
+        src_model.pos_embed.copy_(smooth.expand_as(src_model.pos_embed) * torch.linspace(0.5, 1.5, 32))
+    path = tmp_path / "stage1.pt"
+    torch.save({"model": src_model.state_dict()}, path)
+    cfg = C.load("deit3-vit-b-ft224", over | {"pretrained_file": str(path)})
+    model = build_model(cfg)
+    pe = src_model.pos_embed.detach().reshape(1, 6, 6, 32).permute(0, 3, 1, 2)
+    want = F.interpolate(pe, size=(4, 4), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(1, 16, 32)
+    assert torch.allclose(model.pos_embed.detach(), want, atol=1e-6)
+
+
+def test_logged_lr_is_the_peak_over_groups(tmp_path: Path) -> None:
+    """With layer decay group 0 is the lowest layer: the log shows the max, as MAE's engine."""
+    t = _built("mae-ft-vit-b", tmp_path)
+    t.scheduler.step_update(t.updates_per_epoch * 10)
+    lrs = [g["lr"] for g in t.optimizer.param_groups]
+    t._win = t._new_win()
+    rec = t._log_step()
+    assert rec["lr"] == max(lrs) > min(lrs)
+    t.log.close()
+
+
+def test_rsb_pixel_masking_zeroes_what_the_authors_code_zeroes() -> None:
+    """augsub resnet_rsb/models.py random_masking, written out: its ``x * mask`` zeroes the
+    ``int(L * (1 - r))`` squares of the 'keep' set: 24 of 49 at r = 0.5."""
+    from masksub.branches.pixel import mask_pixels
+
+    def theirs(n: int, r: float) -> int:
+        x = torch.ones(1, n, 3)
+        len_keep = int(n * (1 - r))
+        ids_restore = torch.argsort(torch.argsort(torch.rand(1, n), dim=1), dim=1)
+        mask = torch.ones(1, n)
+        mask[:, :len_keep] = 0
+        mask = torch.gather(mask, 1, ids_restore)
+        return int(((x * mask.unsqueeze(-1)) == 0).all(-1).sum())
+
+    x = torch.ones(2, 3, 224, 224)
+    zero = (mask_pixels(x, 0.5, 32) == 0).view(2, 3, 7, 32, 7, 32).all(dim=(1, 3, 5))
+    assert zero.flatten(1).sum(1).tolist() == [theirs(49, 0.5)] * 2 == [24, 24]
+
+
+def test_show_prints_the_new_keys_with_their_sources(capsys) -> None:
+    from masksub.cli import main
+
+    assert main(["train", "--recipe", "beitv2-ft-vit-b", "--show", "--data", "synthetic"]) == 0
+    out = capsys.readouterr().out
+    for key, word in (("re_mode", "--remode"), ("layer_decay_rule", "get_num_layer_for_vit"),
+                      ("no_weight_decay", "relative_position_bias_table")):
+        line = next(ln for ln in out.splitlines() if ln.strip().startswith(key + " "))
+        assert word in line, line
+
+
+@pytest.mark.parametrize("setting, word", [
+    ("re_mode=noise", "re_mode"), ("re_count=0", "re_count"), ("layer_decay_rule=mae", "layer_decay_rule"),
+    ("pos_embed_resample=bilinear", "pos_embed_resample"), ("cls_token_init_std=-0.02", "cls_token_init_std"),
+    ("no_weight_decay=pos_embed", "no_weight_decay"),
+])
+def test_the_new_keys_refuse_bad_values(tmp_path: Path, capsys, setting: str, word: str) -> None:
+    from masksub.cli import main
+
+    rc = main(["train", "--recipe", "mae-ft-vit-b", "--data", "synthetic", "--set", setting,
+               "--output", str(tmp_path), "--run-name", "bad"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and word in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "bad").exists()
+
+
+def test_no_weight_decay_list_with_timms_grouping(tmp_path: Path) -> None:
+    """``no_weight_decay: []`` under timm's rule decays pos_embed (timm's own list spares it)."""
+    over = tiny("mae-ft-vit-b") | {"output": str(tmp_path), "layer_decay_rule": "timm"}
+    got = {}
+    for nwd in (None, []):
+        t = Trainer(C.load("mae-ft-vit-b", over | {"no_weight_decay": nwd, "run_name": f"r{nwd is None}"}))
+        names = {id(p): n for n, p in t.model_raw.named_parameters()}
+        got[nwd is None] = {names[id(p)]: g["weight_decay"] for g in t.optimizer.param_groups for p in g["params"]}
+        t.log.close()
+    assert got[True]["pos_embed"] == 0.0 and got[False]["pos_embed"] == 0.05
+    assert got[False]["blocks.0.norm1.weight"] == 0.0  # 1-D tensors stay out of weight decay

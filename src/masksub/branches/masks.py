@@ -13,9 +13,10 @@ def masked_count(n: int, ratio: float) -> int:
     return int(math.floor(ratio * n + 0.5))
 
 
-def random_mask(batch: int, n: int, ratio: float, device: torch.device | str | None = None) -> Tensor:
-    """(batch, n) bool, True where masked, exactly ``masked_count(n, ratio)`` per row."""
-    k = masked_count(n, ratio)
+def random_mask(batch: int, n: int, ratio: float, device: torch.device | str | None = None,
+                count: int | None = None) -> Tensor:
+    """(batch, n) bool, True where masked, exactly ``count`` (default ``masked_count(n, ratio)``) per row."""
+    k = masked_count(n, ratio) if count is None else count
     mask = torch.zeros(batch, n, dtype=torch.bool, device=device)
     if k:
         idx = torch.rand(batch, n, device=device).topk(k, dim=1, sorted=False).indices

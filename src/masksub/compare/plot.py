@@ -19,7 +19,8 @@ FIGURES: dict[str, tuple[tuple[str, ...], str, str]] = {
     "accuracy": (("top1",), "validation top-1 (%)", "accuracy.png"),
     "loss_unmasked": (("train_loss_unmasked",), "train loss, no masking (Eq. 1)", "train_loss_unmasked.png"),
     "loss_masked": (("train_loss_masked",), "train loss, 50% masking (Eq. 2)", "train_loss_masked.png"),
-    "grad_norm": (("grad_norm_main", "grad_norm_sub"), "gradient norm per branch", "grad_norm.png"),
+    "grad_norm": (("grad_norm_main", "grad_norm_sub"),
+                  "gradient norm of each branch's own loss\n(unweighted; mean over micro-batches)", "grad_norm.png"),
 }
 
 
@@ -42,6 +43,7 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
         if rec.get("kind") == "epoch":
             epochs.append(rec)
     label, seed = d.name, None
+    conf: dict[str, Any] = {}
     cfg = d / "config.yaml"
     if cfg.is_file():
         import yaml
@@ -49,7 +51,10 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
         conf = yaml.safe_load(cfg.read_text()) or {}
         seed = conf.get("seed")
         label = conf.get("label") or _strip_seed(label, seed)
-    return {"dir": str(d), "label": label, "seed": seed, "epochs": epochs}
+    from ..train.analysis import curve_names
+
+    curves = curve_names(conf.get("sub", "mask"), bool(conf.get("masking_only")))
+    return {"dir": str(d), "label": label, "seed": seed, "epochs": epochs, "curves": curves}
 
 
 def _strip_seed(name: str, seed: Any) -> str:
@@ -77,11 +82,11 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, title: str | None
         fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
         seen: set[str] = set()
         for r in runs:
-            for k, style in zip(keys, ("-", "--"), strict=False):
+            for i, (k, style) in enumerate(zip(keys, ("-", "--"), strict=False)):
                 pts = [(e["epoch"], e[k]) for e in r["epochs"] if e.get(k) is not None]
                 if not pts:
                     continue
-                name = r["label"] + (f" ({k.rsplit('_', 1)[-1]})" if len(keys) > 1 else "")
+                name = r["label"] + (f": {r['curves'][i] or k}" if len(keys) > 1 else "")  # Figure 2d: what it is
                 ax.plot(*zip(*pts, strict=True), style, color=colours[r["label"]], lw=1.6,
                         marker="o" if len(pts) < 12 else None, ms=3,
                         label=None if name in seen else name, alpha=0.9)

@@ -128,7 +128,10 @@ def describe(model: nn.Module, branch: Family, ratio: float, x: Any) -> str:
         px = getattr(branch, "patch_size", None) or getattr(branch, "region_px", 32)
         n = (img.shape[-2] // px) * (img.shape[-1] // px)
         where = "zeroed in the image" if name == "pixel" else "replaced by a mask token after the stem's norm"
-        return f"{masked_count(n, ratio)} of {n} {px}x{px} px squares {where}"
+        from ..branches.pixel import pixel_count
+
+        k = pixel_count(n, ratio) if name == "pixel" else masked_count(n, ratio)
+        return f"{k} of {n} {px}x{px} px squares {where}"
     if name in ("swin", "beit", "vit_token", "vit_relpos") and img is not None:
         grid = _grid(inner, img)
         r = branch.region_tokens(inner)

@@ -47,12 +47,14 @@ def build_model(cfg: Config, *, pretrained: bool = True) -> nn.Module:
             raise MaskSubError(f"model {cfg.model}: {e2}; check model_kwargs") from None
     if cfg.drop_path_uniform:
         uniform_drop_path(model, cfg.drop_path)
+    if cfg.cls_token_init_std is not None:
+        init_cls_token(model, cfg.cls_token_init_std)
     if cfg.pretrained_file and pretrained:
         from .pretrained import load_pretrained, uses_mask_token
 
         load_pretrained(model, cfg.pretrained_file, model_name=cfg.model, exclude=cfg.pretrained_exclude,
                         min_loaded=cfg.pretrained_min_loaded, mask_token=uses_mask_token(cfg, model),
-                        verbose=_rank() == 0)
+                        verbose=_rank() == 0, pos_embed_resample=cfg.pos_embed_resample)
     if cfg.head_init_std is not None or cfg.head_init_scale is not None:
         init_head(model, cfg.head_init_std, cfg.head_init_scale)
     if cfg.freeze:
@@ -87,14 +89,28 @@ def uniform_drop_path(model: nn.Module, rate: float) -> None:
         setattr(block, name, DropPath(rate) if rate > 0 else nn.Identity())
 
 
+def init_cls_token(model: nn.Module, std: float) -> None:
+    """DeiT-III ``models_v2.py``: ``trunc_normal_(self.cls_token, std=.02)`` (timm's deit3 draws
+    it with std 1e-6). Before any pretrained weights load: a checkpoint's token wins."""
+    token = getattr(model, "cls_token", None)
+    if not isinstance(token, nn.Parameter):
+        raise MaskSubError(f"cls_token_init_std: {type(model).__name__} has no cls_token; unset cls_token_init_std")
+    with torch.no_grad():
+        nn.init.trunc_normal_(token, std=std)
+
+
 def init_head(model: nn.Module, std: float | None, scale: float | None) -> None:
     """The classifier's start: MAE ``main_finetune.py`` ``trunc_normal_(head.weight, std=2e-5)``;
-    FT-CLIP ``finetune_clip.py`` ``head.weight.data.mul_(0.001)`` (and the bias)."""
+    BEiT v2 ``modeling_finetune.py`` / FT-CLIP ``finetune_clip.py``: ``trunc_normal_(std=.02)``, then
+    ``mul_(init_scale)``. A scale alone redraws the std-.02 start first: timm's ``Beit`` has already
+    scaled its head by its own ``head_init_scale``, and scaling that again gave std 2e-8."""
     head = model.get_classifier() if hasattr(model, "get_classifier") else getattr(model, "head", None)
     if not isinstance(head, nn.Linear):
         raise MaskSubError(f"head_init_std / head_init_scale need a linear classifier, {type(model).__name__} "
                            f"has {type(head).__name__}")
     with torch.no_grad():
+        if std is None and scale is not None:
+            std = 0.02
         if std is not None:
             nn.init.trunc_normal_(head.weight, std=std)
             if head.bias is not None:
@@ -118,21 +134,24 @@ def freeze(model: nn.Module, prefixes: list[str]) -> None:
 def effective_lr(cfg: Config, world: int | None = None) -> tuple[float, float, float, str]:
     """(lr, warmup_lr, min_lr) for this run's global batch, and a note when it differs.
 
-    ``batch_total`` is the global batch of the recipe's lr. ``lr_scale: linear`` (MAE
-    ``main_finetune.py``: lr = blr x batch / 256; Swin ``main.py``: x batch / 512, warm-up and min
-    lr too) scales all three; ``none`` (DeiT-III ``--unscale-lr``, RSB, BEiT, FT-CLIP) keeps them
-    and says loudly that the run is not the published setting.
+    ``batch_total`` is the global batch of the recipe's lr. ``lr_scale: linear`` (Swin ``main.py``:
+    x batch / 512, warm-up and min lr too) scales all three; ``linear_lr`` (MAE ``main_finetune.py``:
+    lr = blr x batch / 256, ``--min_lr`` as given) scales lr only; ``none`` (DeiT-III
+    ``--unscale-lr``, RSB, BEiT, FT-CLIP) keeps them and says loudly that the run is not the
+    published setting.
     """
     world = _world() if world is None else world
     batch = cfg.batch_size * world * cfg.accum_steps
     if not cfg.batch_total or batch == cfg.batch_total:
         return cfg.lr, cfg.warmup_lr, cfg.min_lr, ""
     where = f"global batch {batch} (batch_size {cfg.batch_size} x {world} processes x accum_steps {cfg.accum_steps})"
-    if cfg.lr_scale == "linear":
+    if cfg.lr_scale in ("linear", "linear_lr"):
         f = batch / cfg.batch_total
-        return (cfg.lr * f, cfg.warmup_lr * f, cfg.min_lr * f,
+        g = f if cfg.lr_scale == "linear" else 1.0
+        return (cfg.lr * f, cfg.warmup_lr * g, cfg.min_lr * g,
                 f"{where} != the recipe's {cfg.batch_total}: lr scaled linearly to {cfg.lr * f:.4g} "
-                "(warm-up and min lr too), the source's rule")
+                + ("(warm-up and min lr too)" if g != 1.0 else "(warm-up and min lr as given)")
+                + ", the source's rule")
     return (cfg.lr, cfg.warmup_lr, cfg.min_lr,
             f"WARNING: {where} != the {cfg.batch_total} the recipe's lr {cfg.lr:g} is for, and its source "
             "does not rescale lr: this run is NOT the published setting. Match the batch (e.g. "
@@ -151,9 +170,23 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     lr, _, _, note = effective_lr(cfg)
     if note and _rank() == 0:
         print(f"masksub train: {note}", file=sys.stderr)
+    params: Any = model
+    if cfg.layer_decay_rule == "beit":  # the fine-tuning sources' own groups (param_groups.py)
+        from .param_groups import beit_param_groups
+
+        params = beit_param_groups(model, cfg.weight_decay, cfg.layer_decay, cfg.no_weight_decay)
+    elif cfg.no_weight_decay is not None and cfg.weight_decay:
+        from timm.optim._param_groups import param_groups_layer_decay, param_groups_weight_decay
+
+        skip = cfg.no_weight_decay
+        params = (param_groups_layer_decay(model, cfg.weight_decay, no_weight_decay_list=skip,
+                                           layer_decay=cfg.layer_decay)
+                  if cfg.layer_decay is not None else
+                  param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=skip))
     try:
-        return create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay,
-                                   momentum=cfg.momentum, layer_decay=cfg.layer_decay, **kw)
+        return create_optimizer_v2(params, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay,
+                                   momentum=cfg.momentum,
+                                   layer_decay=cfg.layer_decay if params is model else None, **kw)
     except (ValueError, AssertionError, KeyError) as e:
         raise MaskSubError(f"optimizer {cfg.opt!r}: {e}") from None
 

@@ -25,7 +25,10 @@ AMPS = ("none", "bf16", "fp16")
 DISTS = ("ddp", "fsdp")  # under torchrun: replicate the model (DDP) or shard it (FSDP2)
 AUGS = ("timm", "3aug", "3aug_src", "crop_flip", "none")
 SCHED_STEPS = ("update", "epoch")
-LR_SCALES = ("none", "linear")
+LR_SCALES = ("none", "linear", "linear_lr")
+RE_MODES = ("const", "rand", "pixel")  # timm RandomErasing modes
+LAYER_DECAY_RULES = ("timm", "beit")
+POS_EMBED_RESAMPLES = ("timm", "bicubic")
 
 
 @dataclass
@@ -132,6 +135,13 @@ class Config:
     grad_norm_every: int = 20
     tensorboard: bool = True
     progress: bool = True
+    # fidelity to the recipes' sources: how each value is applied, as the source applies it
+    re_mode: str = "const"  # random erasing fill: timm's default "const"; the ImageNet sources use "pixel"
+    re_count: int = 1  # random erasing boxes per image (timm / the sources: 1)
+    layer_decay_rule: str = "timm"  # "beit": BEiT's get_num_layer_for_vit (MAE lr_decay.py, FT-CLIP too)
+    no_weight_decay: list | None = None  # parameter names without weight decay (null: the model's own list)
+    cls_token_init_std: float | None = None  # re-initialise cls_token: trunc-normal std (DeiT models_v2.py .02)
+    pos_embed_resample: str = "timm"  # a pretrained pos_embed of another size: timm's or plain bicubic (DeiT)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -329,6 +339,13 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     choice("order", ORDERS)
     choice("sched_step", SCHED_STEPS)
     choice("lr_scale", LR_SCALES)
+    choice("re_mode", RE_MODES)
+    choice("layer_decay_rule", LAYER_DECAY_RULES)
+    choice("pos_embed_resample", POS_EMBED_RESAMPLES)
+    if cfg.re_count < 1:
+        raise MaskSubError(f"re_count is the number of erased boxes per image (>= 1), got {cfg.re_count}")
+    if cfg.cls_token_init_std is not None and cfg.cls_token_init_std <= 0:
+        raise MaskSubError(f"cls_token_init_std must be > 0 (or null to keep the model's init), got {cfg.cls_token_init_std}")
     if cfg.repeated_aug < 0 or cfg.repeated_aug == 1:
         raise MaskSubError(f"repeated_aug is the number of repeats (0 = off, e.g. 3), got {cfg.repeated_aug}")
     if cfg.sched_epoch_lag < 0 or (cfg.sched_epoch_lag and cfg.sched_step != "epoch"):

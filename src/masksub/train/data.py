@@ -325,6 +325,7 @@ def build_transforms(cfg: Config) -> tuple[Any, Any]:
             **(common | {"interpolation": cfg.train_interpolation or cfg.interpolation}),
             is_training=True, no_aug=cfg.aug == "none", hflip=cfg.hflip,
             color_jitter=cfg.color_jitter or 0.0, auto_augment=cfg.auto_augment, re_prob=cfg.reprob,
+            re_mode=cfg.re_mode, re_count=cfg.re_count,  # the sources' erasing: per-pixel noise
         )
     eval_tf = create_transform(**common, is_training=False, crop_pct=cfg.crop_pct)
     return train_tf, eval_tf

@@ -21,10 +21,12 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import MaskSubError
+from . import analysis
 from . import checkpoint as ckpt_mod
 from . import distributed as D
 from .config import Config
 from .logging import progress
+from .param_groups import peak_lr
 from .saver import Saver, TrainingStopped
 from .setup import Setup
 from .stats import StepStats, Sums
@@ -167,7 +169,7 @@ class Trainer(Setup):
         total = torch.zeros((), device=self.device)
         lm = torch.zeros((), device=self.device)
         ls = torch.zeros((), device=self.device)
-        gnm = gns = None
+        meter = analysis.GradNormMeter(self.step_ms, self.device) if gn else None  # Figure 2d, one scale
         n_img = 0
         for i in range(cfg.accum_steps):
             x, y = next(self._it)
@@ -177,14 +179,15 @@ class Trainer(Setup):
             last = i == cfg.accum_steps - 1
             scale = 1.0 / cfg.accum_steps
             out = self.step_ms.backward(x, y, crit, scaler=self.scaler if self.scaler.is_enabled() else None,
-                                        grad_norms=gn and last, sync=last, loss_scale=scale)
+                                        grad_norms=gn, sync=last, loss_scale=scale)
             total += out.loss
             lm += out.loss_main
             if out.loss_sub is not None:
                 ls += out.loss_sub
-            if out.grad_norm_main is not None:
-                gnm, gns = out.grad_norm_main, out.grad_norm_sub
+            if meter is not None:
+                meter.add(out, scale)
         k = cfg.accum_steps
+        gnm, gns = meter.result() if meter is not None else (None, None)
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
         gnorm = self._clip_and_norm()
@@ -268,11 +271,12 @@ class Trainer(Setup):
         torch.manual_seed(12345)
         batches = self.train_data.plain(self.cfg.analysis_subset)
         if self.fsdp is not None:
-            batches = self.fsdp.even(batches, lambda x: (ams.forward_main(x), ams.forward_sub(x)), self.dist,
+            batches = self.fsdp.even(batches, lambda x: (ams.forward_main(x), analysis.masked_forward(
+                ams, self.model_raw, x)), self.dist,
                                      self.device, self._probe_shape)
         for x, y in batches:
             lu = self.eval_criterion(ams.forward_main(x).float(), y)
-            lmask = self.eval_criterion(ams.forward_sub(x).float(), y)
+            lmask = self.eval_criterion(analysis.masked_forward(ams, self.model_raw, x).float(), y)
             sums += torch.stack([lu.double() * len(y), lmask.double() * len(y),
                                  torch.tensor(float(len(y)), device=self.device, dtype=torch.float64)])
         torch.set_rng_state(g)
@@ -314,7 +318,7 @@ class Trainer(Setup):
         rec = {"kind": "step", "step": self.global_step, "epoch": self.epoch,
                "loss_main": (lm / n).item(),
                "loss_sub": (ls / n).item() if self.ms.branch is not None and not self.cfg.masking_only else None,
-               "lr": self.optimizer.param_groups[0]["lr"],
+               "lr": peak_lr(self.optimizer),
                "imgs_per_s": win.images * self.dist.world / dt, "skipped_nonfinite": self.nonfinite_total}
         self.log.write(rec, tb_step=self.global_step)
         return rec
@@ -456,7 +460,7 @@ class Trainer(Setup):
             rec["grad_norm_main"] = g[0].item()
             if self.ms.branch is not None and not cfg.masking_only:
                 rec["grad_norm_sub"] = g[1].item()
-        rec["lr"] = self.optimizer.param_groups[0]["lr"]
+        rec["lr"] = peak_lr(self.optimizer)
         rec["time_s"] = acc.time_s
         rec["skipped_nonfinite"] = acc.skipped
         rec["world_size"] = self.dist.world

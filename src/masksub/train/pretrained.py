@@ -94,6 +94,24 @@ def _expand_shared_rel_pos(sd: dict[str, Tensor], model: nn.Module) -> list[str]
     return ["shared relative-position table copied to every block"]
 
 
+def resample_pos_embed_bicubic(sd: dict[str, Tensor], model: nn.Module) -> list[str]:
+    """DeiT ``main.py`` (``--finetune``): the patch part of ``pos_embed`` on a square grid through
+    ``F.interpolate(mode='bicubic', align_corners=False)``, the extra (class) tokens kept."""
+    v, own = sd.get("pos_embed"), getattr(model, "pos_embed", None)
+    num_patches = getattr(getattr(model, "patch_embed", None), "num_patches", None)
+    if v is None or not isinstance(own, Tensor) or num_patches is None or v.shape == own.shape:
+        return []
+    extra = own.shape[-2] - num_patches
+    old = int(round((v.shape[-2] - extra) ** 0.5))
+    new = int(round(num_patches ** 0.5))
+    if old * old != v.shape[-2] - extra or new * new != num_patches:
+        return []  # not square grids: left to timm's filter
+    tokens = v[:, extra:].reshape(-1, old, old, v.shape[-1]).permute(0, 3, 1, 2).float()
+    tokens = torch.nn.functional.interpolate(tokens, size=(new, new), mode="bicubic", align_corners=False)
+    sd["pos_embed"] = torch.cat([v[:, :extra], tokens.permute(0, 2, 3, 1).flatten(1, 2).to(v.dtype)], dim=1)
+    return [f"pos_embed resampled {old}x{old} -> {new}x{new} (bicubic, as DeiT main.py)"]
+
+
 def timm_filter(model_name: str, model: nn.Module, sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], str]:
     """The model's own timm ``checkpoint_filter_fn`` (module of its entrypoint), if it has one."""
     try:
@@ -127,11 +145,18 @@ def _classifier_keys(model: nn.Module, own: dict[str, Tensor]) -> set[str]:
 
 
 def load_pretrained(model: nn.Module, path: str, *, model_name: str = "", exclude: list[str] | None = None,
-                    min_loaded: float = 0.5, mask_token: bool = False, verbose: bool = True) -> LoadReport:
-    """Load ``path`` into ``model`` (non-strict), report it, and refuse a start that is mostly random."""
+                    min_loaded: float = 0.5, mask_token: bool = False, verbose: bool = True,
+                    pos_embed_resample: str = "timm") -> LoadReport:
+    """Load ``path`` into ``model`` (non-strict), report it, and refuse a start that is mostly random.
+
+    ``pos_embed_resample="bicubic"``: a position embedding of another grid is resampled as DeiT
+    ``main.py`` does it (plain ``F.interpolate`` bicubic, ``align_corners=False``), before timm's
+    filter (antialiased) would."""
     raw, how = _unwrap(read(path))
     token = raw.pop("mask_token", None)
     how += _expand_shared_rel_pos(raw, model)
+    if pos_embed_resample == "bicubic":
+        how += resample_pos_embed_bicubic(raw, model)
     sd, filt = timm_filter(model_name, model, raw) if model_name else (raw, "")
     if filt:
         how.append(filt)

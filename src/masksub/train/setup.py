@@ -22,6 +22,7 @@ from torch import nn
 
 from .. import MaskSub
 from ..errors import MaskSubError
+from . import analysis
 from . import distributed as D
 from . import rundir
 from .build import (
@@ -108,6 +109,7 @@ class Setup:
             self.analysis_ms = self.ms if same else MaskSub(
                 model, "mask", 0.5, family=cfg.family, kind=kind, amp_dtype=amp_dtype, **cfg.family_options)
             self.analysis_ms.validate(probe)
+            analysis.check(self.analysis_ms, model, probe)  # refused now, not at the end of epoch 1
 
     def _shard(self) -> None:
         """dist=fsdp: the model sharded now, after MaskSub added its parameters."""

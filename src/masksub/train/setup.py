@@ -22,9 +22,8 @@ from torch import nn
 
 from .. import MaskSub
 from ..errors import MaskSubError
-from . import analysis
+from . import analysis, rundir
 from . import distributed as D
-from . import rundir
 from .build import (
     build_criterion,
     build_mixup,

@@ -45,12 +45,12 @@ def test_figure2_main_gradient_norm_is_on_the_baselines_scale(tmp_path: Path, ac
         batches = [next(it) for _ in range(accum)]
         ref = _reference_norm(copy.deepcopy(t.model_raw), batches, t.criterion)
         t._it = iter(batches)
-        ok, res = t._update()
-        assert ok
-        got[sub] = float(res[2])
+        res = t._update()
+        assert res is not None
+        got[sub] = float(res.grad_norm_main)
         assert got[sub] == pytest.approx(ref, rel=1e-4), (sub, accum)
         if sub == "mask":
-            assert res[3] is not None and float(res[3]) > 0  # the sub curve, |grad Eq. (3)|
+            assert res.grad_norm_sub is not None and float(res.grad_norm_sub) > 0  # the sub curve, |grad Eq. (3)|
         t.log.close()
     assert got["none"] == pytest.approx(got["mask"], rel=1e-4)
 

@@ -18,13 +18,63 @@ FORBIDDEN = ("masksub.bench", "masksub.compare", "masksub.inspect", "masksub.tra
              "masksub.cli", "timm", "transformers", "open_clip", "torchvision", "matplotlib", "yaml")
 
 
+# One fresh interpreter imports torch (every core module needs it, and it loads none of the
+# forbidden names: checked below like the rest), then forks a child per core module, which
+# imports that module alone and reports what is loaded: a fresh interpreter per module, without
+# paying torch's import once per module.
+_PROBE = """
+import importlib, json, os, sys
+import torch
+FORBIDDEN, ROOTS = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+out = {}
+for module in json.loads(sys.argv[3]):
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            importlib.import_module(module)
+            bad = sorted(m for m in sys.modules if m.split('.')[0] in ROOTS
+                         or any(m == f or m.startswith(f + '.') for f in FORBIDDEN))
+        except BaseException as e:
+            bad = [f"import failed: {type(e).__name__}: {e}"]
+        os.write(w, json.dumps(bad).encode())
+        os._exit(0)
+    os.close(w)
+    chunks = []
+    while chunk := os.read(r, 65536):
+        chunks.append(chunk)
+    os.close(r)
+    os.waitpid(pid, 0)
+    out[module] = json.loads(b"".join(chunks) or b'["no report"]')
+print(json.dumps(out))
+"""
+ROOTS = ["timm", "transformers", "open_clip", "torchvision", "matplotlib", "yaml"]
+
+
+@pytest.fixture(scope="module")
+def loaded_by_core() -> dict[str, list[str]]:
+    import json
+
+    res = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(FORBIDDEN), json.dumps(ROOTS), json.dumps(CORE)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("module", CORE)
-def test_core_module_loads_nothing_else(module):
-    code = (f"import sys, {module}; "
-            f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {{'timm','transformers','open_clip','torchvision','matplotlib','yaml'}} "
-            f"or any(m == f or m.startswith(f + '.') for f in {FORBIDDEN!r})); print(bad); sys.exit(1 if bad else 0)")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, f"{module} loaded {res.stdout.strip()} {res.stderr[-2000:]}"
+def test_core_module_loads_nothing_else(module, loaded_by_core):
+    assert loaded_by_core[module] == [], f"{module} loaded {loaded_by_core[module]}"
+
+
+def test_the_probe_sees_a_forbidden_import():
+    """The check itself: a module that imports yaml is reported."""
+    import json
+
+    res = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(FORBIDDEN), json.dumps(ROOTS),
+                          json.dumps(["yaml", "masksub.train.config"])], capture_output=True, text=True, timeout=300)
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert "yaml" in got["yaml"] and "masksub.train" in got["masksub.train.config"]
 
 
 def test_top_level_is_the_core_only():

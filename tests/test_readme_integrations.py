@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 pytest.importorskip("open_clip")
 pytest.importorskip("transformers")
@@ -51,8 +52,11 @@ def test_readme_command_lines_run(tmp_path: Path) -> None:
     assert blocks, "the Hugging Face / open_clip section has no command example"
     write_fixtures(tmp_path)
     py = sys.executable
+    # torchrun as written, on a port free now rather than its fixed default (29500): other tests
+    # run at the same time (pytest-xdist)
     shims = (f'python() {{ "{py}" "$@"; }}\nmasksub() {{ "{py}" -m masksub.cli "$@"; }}\n'
-             f'torchrun() {{ "{py}" -m torch.distributed.run "$@"; }}\nset -euo pipefail\n')
+             f'torchrun() {{ "{py}" -m torch.distributed.run --master-port {free_port()} "$@"; }}\n'
+             'set -euo pipefail\n')
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
     for block in blocks:

@@ -57,6 +57,9 @@ class Config:
     val_split: str = "validation"
     subset: int = 0
     val_subset: int = 0
+    # which images subset / val_subset (and the analysis passes) take from an ImageFolder or an
+    # indexable timm data set: a class-balanced sample drawn with this seed, not the first files
+    subset_seed: int = 0
     synthetic_size: int = 512
     synthetic_val_size: int = 128
     batch_size: int = 128
@@ -358,6 +361,8 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
                 "eval_batch_size", "synthetic_size", "synthetic_val_size", "crop_pad"):
         if getattr(cfg, key) < 0:
             raise MaskSubError(f"{key} must be >= 0, got {getattr(cfg, key)}")
+    if cfg.subset_seed < 0:
+        raise MaskSubError(f"subset_seed must be >= 0, got {cfg.subset_seed}")
     if cfg.lr <= 0:
         raise MaskSubError(f"lr must be > 0, got {cfg.lr}")
     if cfg.weight_decay < 0 or cfg.warmup_epochs < 0 or cfg.min_lr < 0:
@@ -376,6 +381,9 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
         raise MaskSubError("analysis gradient norms need order=memory")
     if cfg.analysis and cfg.order == "fused" and cfg.sub != "none":
         raise MaskSubError("analysis: true measures per-branch gradient norms; it needs order=memory")
+    if check_paths and cfg.data == "fashion-mnist" and cfg.data_dir and not Path(cfg.data_dir).expanduser().is_dir():
+        raise MaskSubError(f"data_dir {cfg.data_dir} does not exist (or is not a folder); give the folder with the "
+                           "Fashion-MNIST .gz files, or drop data_dir to use the Debian package's copy")
     if check_paths and cfg.data not in ("synthetic", "fashion-mnist") and not cfg.data.startswith(("hfds/", "hfids/", "wds/", "tfds/")):
         if not Path(cfg.data).expanduser().exists():
             raise MaskSubError(

@@ -81,6 +81,21 @@ def test_eval_scores_with_the_training_class_map(tmp_path: Path, capsys) -> None
     assert r["count"] == 4 and r["top1"] == pytest.approx(50.0)
 
 
+def test_eval_on_a_folder_with_only_a_validation_split(tmp_path: Path, capsys) -> None:
+    """Refused with the fix in the message; the fix (its own folders as the class map) works."""
+    root = image_tree(tmp_path / "d", {"train": {"a": 1, "b": 1, "c": 1}, "validation": {"a": 1, "c": 1}})
+    assert main(["train", *TINY, "--data", str(root), "--set", "num_classes=3", "--max-steps", "1",
+                 "--output", str(tmp_path), "--run-name", "r"]) == 0
+    only = image_tree(tmp_path / "only", {"validation": {"a": 2, "b": 1, "c": 1}})
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tmp_path / "r"), "--data", str(only)]) == 2
+    err = capsys.readouterr().err
+    assert "no training folder 'train'" in err and "--set train_split=validation" in err
+    assert main(["eval", "--checkpoint", str(tmp_path / "r"), "--data", str(only), "--set", "train_split=validation",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["count"] == 4
+
+
 def test_validation_class_the_training_split_lacks_is_refused(tmp_path: Path, capsys) -> None:
     root = image_tree(tmp_path / "d", {"train": {"a": 2, "b": 2}, "validation": {"a": 1, "zebra": 1}})
     rc = main(["train", *TINY, "--data", str(root), "--set", "num_classes=3", "--output", str(tmp_path),

@@ -91,6 +91,8 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, title: str | None
     import matplotlib.pyplot as plt
 
     runs = [read_run(d) for d in run_dirs]
+    if not any(k in e for r in runs for e in r["epochs"] for keys, _, _ in FIGURES.values() for k in keys):
+        raise MaskSubError("no epoch metrics to plot in " + ", ".join(map(str, run_dirs)))
     out = Path(out_dir)
     check_out_dir(out)
     labels = list(dict.fromkeys(r["label"] for r in runs))

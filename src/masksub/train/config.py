@@ -182,6 +182,13 @@ def _unknown_key(key: str, where: str) -> MaskSubError:
     return MaskSubError(f"unknown config key {key!r} in {where}{hint} (run `masksub train --list-keys`)")
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line: what and where (PyYAML's own text spans several)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or ' '.join(str(e).split())}{where}"
+
+
 def _coerce(key: str, value: Any, where: str) -> Any:
     """Turn a YAML / command-line value into the field's type, or say why it cannot be."""
     hint = _HINTS[key]
@@ -196,7 +203,7 @@ def _coerce(key: str, value: Any, where: str) -> Any:
             try:
                 value = yaml.safe_load(value)
             except yaml.YAMLError as e:
-                raise MaskSubError(f"{where}: cannot read value {value!r} for {key}: {e}") from None
+                raise MaskSubError(f"{where}: cannot read value {value!r} for {key}: {_yaml_problem(e)}") from None
     if value is None:
         if optional:
             return None
@@ -269,7 +276,7 @@ def load(recipe: str | None, overrides: dict[str, Any] | None = None, *, check_p
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise MaskSubError(f"recipe {path} is not valid YAML: {e}") from None
+            raise MaskSubError(f"recipe {path} is not valid YAML: {_yaml_problem(e)}") from None
         if not isinstance(data, dict):
             raise MaskSubError(f"recipe {path} must be a mapping of key: value")
         data.setdefault("recipe", path.stem)

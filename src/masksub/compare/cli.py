@@ -139,8 +139,12 @@ def _write_plan(out: Path, plan: dict[str, Any]) -> None:
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``key (old -> new)`` for each setting that differs."""
-    return [f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    """``key (old -> new)`` for each setting that differs; a key the recorded config predates
+    counts as its default."""
+    from ..train.config import Config
+
+    defaults = Config().to_dict()
+    return [f"{k} ({old.get(k, defaults.get(k))!r} -> {v!r})" for k, v in new.items() if old.get(k, defaults.get(k)) != v]
 
 
 def _check_unchanged(out: Path, recipe: str, overrides: dict[str, Any], order: list[str], seeds: list[int],

@@ -388,9 +388,6 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
         raise MaskSubError("analysis gradient norms need order=memory")
     if cfg.analysis and cfg.order == "fused" and cfg.sub != "none":
         raise MaskSubError("analysis: true measures per-branch gradient norms; it needs order=memory")
-    if check_paths and cfg.data == "fashion-mnist" and cfg.data_dir and not Path(cfg.data_dir).expanduser().is_dir():
-        raise MaskSubError(f"data_dir {cfg.data_dir} does not exist (or is not a folder); give the folder with the "
-                           "Fashion-MNIST .gz files, or drop data_dir to use the Debian package's copy")
     if check_paths and cfg.data not in ("synthetic", "fashion-mnist") and not cfg.data.startswith(("hfds/", "hfids/", "wds/", "tfds/")):
         if not Path(cfg.data).expanduser().exists():
             raise MaskSubError(

@@ -52,7 +52,7 @@ def run_compare(recipe: str, settings: list[str], seeds: list[int], out_dir: str
     runs, resumes the interrupted one from its checkpoint and trains the rest."""
     from ..train import config as C
     from ..train.engine import train
-    from .plot import plot_runs, read_run
+    from .plot import check_out_dir, plot_runs, read_run
     from .table import rows_from_runs, write_tables
 
     unknown = [s for s in settings if s not in SETTINGS]
@@ -63,43 +63,54 @@ def run_compare(recipe: str, settings: list[str], seeds: list[int], out_dir: str
     overrides = dict(overrides or {})
     base_cfg = C.load(recipe, overrides)  # every bad key / value fails here, before any training
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    created = not out.exists()
+    check_out_dir(out, "--out")
+    order = [s for s in settings if s != "samebudget"] + (["samebudget"] if "samebudget" in settings else [])
     plan = {"recipe": recipe, "settings": settings, "seeds": seeds, "overrides": overrides,
-            "budget_ratio": budget_ratio, "analysis": analysis}
-    if not resume:
+            "budget_ratio": budget_ratio, "analysis": analysis, "config": base_cfg.to_dict(), "configs": {}}
+    if resume:
+        plan = _check_unchanged(out, recipe, overrides, order, seeds, analysis, base_cfg)
+    else:
         if (out / PLAN).exists():
             raise MaskSubError(f"{out} already holds a comparison; continue it with: masksub compare --resume "
                                f"{out}, or pick another --out")
-        (out / PLAN).write_text(json.dumps(plan, indent=2) + "\n")
-    order = [s for s in settings if s != "samebudget"] + (["samebudget"] if "samebudget" in settings else [])
+        _write_plan(out, plan)
     runs: list[dict[str, Any]] = []
-    for setting in order:
-        for seed in seeds:
-            ov = {**overrides, **SETTINGS[setting], "seed": seed, "output": str(out),
-                  "run_name": f"{setting}-seed{seed}", "analysis": analysis}
-            if setting == "samebudget":
-                ratio = budget_ratio if budget_ratio is not None else _measured_cost(runs)
-                ov["epochs"] = max(1, math.ceil(base_cfg.epochs * ratio - 1e-9))
-                ov["warmup_epochs"] = base_cfg.warmup_epochs
-            cfg = C.load(recipe, ov)
-            run_dir = out / ov["run_name"]
-            summary = _finished(run_dir, cfg.epochs) if resume else None
-            if summary is not None:
-                print(f"== compare: {setting}, seed {seed}: finished before, kept ==", flush=True)
-            else:
-                print(f"== compare: {setting}, seed {seed}: {cfg.epochs} epochs ==", flush=True)
-                summary = _train_or_resume(train, cfg, run_dir, resume)
-            if summary.get("stopped") == "signal":
-                sig = summary.get("signal") or 15
-                print(f"compare: stopped by signal {sig} during {setting}, seed {seed}; no table written. "
-                      f"Finished runs are kept; continue with: masksub compare --resume {out}", flush=True)
-                return {"stopped": "signal", "signal": sig, "out": str(out)}
-            run = read_run(run_dir)
-            # training time only (epoch lines), not evaluation or the analysis passes
-            train_s = sum(e.get("time_s") or 0.0 for e in run["epochs"]) or summary.get("time_s")
-            runs.append({"setting": setting, "seed": seed, "dir": run["dir"], "epochs": run["epochs"],
-                         "time_s": train_s, "summary": summary,
-                         "complete": summary.get("epochs_done") == cfg.epochs and not summary.get("stopped")})
+    try:
+        for setting in order:
+            for seed in seeds:
+                ov = {**overrides, **SETTINGS[setting], "seed": seed, "output": str(out),
+                      "run_name": f"{setting}-seed{seed}", "analysis": analysis}
+                if setting == "samebudget":
+                    ratio = budget_ratio if budget_ratio is not None else _measured_cost(runs)
+                    ov["epochs"] = max(1, math.ceil(base_cfg.epochs * ratio - 1e-9))
+                    ov["warmup_epochs"] = base_cfg.warmup_epochs
+                cfg = C.load(recipe, ov)
+                run_dir = out / ov["run_name"]
+                if plan["configs"].get(ov["run_name"]) != cfg.to_dict():  # what this run trains with, for --resume
+                    plan["configs"][ov["run_name"]] = cfg.to_dict()
+                    _write_plan(out, plan)
+                summary = _finished(run_dir, cfg.epochs) if resume else None
+                if summary is not None:
+                    print(f"== compare: {setting}, seed {seed}: finished before, kept ==", flush=True)
+                else:
+                    print(f"== compare: {setting}, seed {seed}: {cfg.epochs} epochs ==", flush=True)
+                    summary = _train_or_resume(train, cfg, run_dir, resume)
+                if summary.get("stopped") == "signal":
+                    sig = summary.get("signal") or 15
+                    print(f"compare: stopped by signal {sig} during {setting}, seed {seed}; no table written. "
+                          f"Finished runs are kept; continue with: masksub compare --resume {out}", flush=True)
+                    return {"stopped": "signal", "signal": sig, "out": str(out)}
+                run = read_run(run_dir)
+                # training time only (epoch lines), not evaluation or the analysis passes
+                train_s = sum(e.get("time_s") or 0.0 for e in run["epochs"]) or summary.get("time_s")
+                runs.append({"setting": setting, "seed": seed, "dir": run["dir"], "epochs": run["epochs"],
+                             "time_s": train_s, "summary": summary,
+                             "complete": summary.get("epochs_done") == cfg.epochs and not summary.get("stopped")})
+    except MaskSubError:
+        if not resume and not any((out / f"{st}-seed{sd}").exists() for st in order for sd in seeds):
+            _undo(out, created)  # refused before any run started: nothing left that blocks a rerun
+        raise
     rows = rows_from_runs(runs)
     title = f"{recipe}: {', '.join(order)}; seeds {', '.join(map(str, seeds))}"
     md, cs = write_tables(rows, out, title)
@@ -110,6 +121,67 @@ def run_compare(recipe: str, settings: list[str], seeds: list[int], out_dir: str
     print(md.read_text())
     print(f"compare: table {md}, plots {', '.join(p.name for p in plots)} in {out}")
     return result
+
+
+def _undo(out: Path, created: bool) -> None:
+    (out / PLAN).unlink(missing_ok=True)
+    if created:
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _write_plan(out: Path, plan: dict[str, Any]) -> None:
+    """compare.json, replaced whole (a reader never sees half of it)."""
+    tmp = out / f".{PLAN}.tmp"
+    tmp.write_text(json.dumps(plan, indent=2, default=str) + "\n")
+    tmp.replace(out / PLAN)
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key (old -> new)`` for each setting that differs; a key the recorded config predates
+    counts as its default."""
+    from ..train.config import Config
+
+    defaults = Config().to_dict()
+    return [f"{k} ({old.get(k, defaults.get(k))!r} -> {v!r})" for k, v in new.items() if old.get(k, defaults.get(k)) != v]
+
+
+def _check_unchanged(out: Path, recipe: str, overrides: dict[str, Any], order: list[str], seeds: list[int],
+                     analysis: bool, base_cfg: Any) -> dict[str, Any]:
+    """``--resume``: every run must train with the config the comparison started with; a recipe
+    edited since then would put runs of two configs in one table. Checked before any training."""
+    from ..train import config as C
+
+    plan = json.loads((out / PLAN).read_text())
+    plan.setdefault("configs", {})
+    recorded: dict[str, dict[str, Any]] = {}
+    if "config" in plan:
+        recorded["the comparison"] = plan["config"]
+    current = {"the comparison": base_cfg.to_dict()}
+    for setting in order:
+        if setting == "samebudget":  # its epochs come from the measured cost
+            continue
+        for seed in seeds:
+            name = f"{setting}-seed{seed}"
+            saved = plan["configs"].get(name)
+            if saved is None and (out / name / "config.yaml").is_file():
+                import yaml
+
+                saved = yaml.safe_load((out / name / "config.yaml").read_text())
+            if saved is not None:
+                recorded[name] = saved
+                ov = {**overrides, **SETTINGS[setting], "seed": seed, "output": str(out), "run_name": name,
+                      "analysis": analysis}
+                current[name] = C.load(recipe, ov).to_dict()
+    for name, saved in recorded.items():
+        changed = config_changes(saved, current[name])
+        if changed:
+            raise MaskSubError(
+                f"the recipe {recipe} changed since {name} started: {', '.join(changed[:6])}"
+                f"{' ...' if len(changed) > 6 else ''}; a resumed comparison would put runs of two configs in one "
+                f"table. Restore those values, or start a new comparison (another --out)")
+    return plan
 
 
 def _finished(run_dir: Path, epochs: int) -> dict[str, Any] | None:

@@ -31,16 +31,25 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
     if not metrics.is_file():
         raise MaskSubError(f"{d} is not a run directory (no metrics.jsonl); pass directories written by masksub train")
     epochs = []
-    for n, line in enumerate(metrics.read_text().splitlines(), 1):
-        if not line.strip():
+    try:
+        lines = metrics.read_bytes().splitlines()
+    except OSError as e:
+        raise MaskSubError(f"cannot read {metrics} ({e.strerror or e})") from None
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
             continue
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            if n == len(metrics.read_text().splitlines()):
+            rec = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            if n == len(lines):
                 break  # a run killed mid-write leaves a partial last line
-            raise MaskSubError(f"{metrics}:{n} is not JSON") from None
-        if rec.get("kind") == "epoch":
+            raise MaskSubError(f"{metrics}:{n} has a byte that is not UTF-8 (0x{raw[e.start]:02x} at column "
+                               f"{e.start + 1}): the file was damaged. Repair or delete that line") from None
+        except json.JSONDecodeError:
+            if n == len(lines):
+                break
+            raise MaskSubError(f"{metrics}:{n} is not JSON: the file was damaged. Repair or delete that line") from None
+        if isinstance(rec, dict) and rec.get("kind") == "epoch":
             epochs.append(rec)
     label, seed = d.name, None
     conf: dict[str, Any] = {}
@@ -63,6 +72,22 @@ def _strip_seed(name: str, seed: Any) -> str:
     return name[: -len(suffix)] if seed is not None and name.endswith(suffix) else name
 
 
+def check_out_dir(out: Path, flag: str = "--out", *, create: bool = True) -> None:
+    """An output folder that is a file (or sits under one) is refused before anything is written."""
+    p = out
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        what = "is a file" if p == out else f"is inside {p}, which is a file"
+        raise MaskSubError(f"{flag} {out} {what}; give a folder for the results")
+    if not create:
+        return
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MaskSubError(f"{flag} {out}: cannot create that folder ({e.strerror or e}); give another") from None
+
+
 def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, title: str | None = None) -> list[Path]:
     """Write one PNG per quantity that some run measured; returns the files written."""
     import matplotlib
@@ -71,8 +96,10 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, title: str | None
     import matplotlib.pyplot as plt
 
     runs = [read_run(d) for d in run_dirs]
+    if not any(k in e for r in runs for e in r["epochs"] for keys, _, _ in FIGURES.values() for k in keys):
+        raise MaskSubError("no epoch metrics to plot in " + ", ".join(map(str, run_dirs)))
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_out_dir(out)
     labels = list(dict.fromkeys(r["label"] for r in runs))
     colours = {lab: plt.get_cmap("tab10")(i % 10) for i, lab in enumerate(labels)}
     written = []
@@ -114,7 +141,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    out = args.out or Path(args.runs[0]).parent
+    out = Path(args.out or Path(args.runs[0]).parent)
+    check_out_dir(out, create=False)  # before any run is read
     for path in plot_runs(args.runs, out, args.title):
         print(path)
     return 0

@@ -31,10 +31,14 @@ def evaluate_checkpoint(path: str, *, data: str | None = None, ema: bool | None 
     from .build import build_model, label_criterion
     from .data import build_data
 
+    if export:
+        check_export_path(export)
     ck = checkpoint.load(path, require=("config", "model"))
     if ema is None:  # a best.pt names the weights that scored best_top1 (raw or EMA)
         ema = ck.get("eval_weights") == "ema"
-    cfg = C.from_dict(ck["config"])
+    # the saved config with this command's overrides, checked once: the data it was trained on may
+    # be gone when --data names another copy
+    cfg = C.apply(C.Config(), ck["config"], "the saved config")
     ov = C.parse_sets(sets or [])
     if data:
         ov["data"] = data
@@ -49,6 +53,7 @@ def evaluate_checkpoint(path: str, *, data: str | None = None, ema: bool | None 
     check_device(cfg.device)
     dev = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model = build_model(cfg, pretrained=False)  # the checkpoint has every weight
+    arch_keys = list(model.state_dict())  # the architecture's own weights, before any sub-branch extra
     sd = ck.get("model")  # None for dist=fsdp: the weights are in the DCP directory it names
     if ema:
         if not ck.get("ema"):
@@ -72,10 +77,10 @@ def evaluate_checkpoint(path: str, *, data: str | None = None, ema: bool | None 
             "every prediction is meaningless; it was written by a run that diverged. Evaluate an earlier "
             "checkpoint (best.pt) instead")
     model.load_state_dict(sd)
+    _, val = build_data(cfg, device=dev, eval_only=True)  # a bad --data fails before the export is written
     if export:
-        checkpoint.export_weights(model, export)
+        _export(model, arch_keys, cfg, export)
     model.to(dev).eval()
-    _, val = build_data(cfg, device=dev)
     crit = label_criterion(cfg)
     n = top1 = top5 = loss = 0.0
     with torch.no_grad():
@@ -89,6 +94,42 @@ def evaluate_checkpoint(path: str, *, data: str | None = None, ema: bool | None 
     n = max(n, 1)
     return {"checkpoint": str(path), "data": cfg.data, "top1": 100 * top1 / n, "top5": 100 * top5 / n,
             "val_loss": loss / n, "count": int(n), "ema": ema}
+
+
+def check_export_path(export: str) -> None:
+    """Refuse, before any work, an export path that is a folder or cannot be written."""
+    import os
+    from pathlib import Path
+
+    from ..errors import MaskSubError
+
+    p = Path(export).expanduser()
+    if p.is_dir():
+        raise MaskSubError(f"--export {export} is a directory; give a file name, e.g. {p / 'model.pt'}")
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise MaskSubError(f"--export {export}: {parent} is not a directory, so the file cannot be written there")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise MaskSubError(f"--export {export}: {parent} is not writable; give a path you can write")
+
+
+def _export(model, arch_keys: list[str], cfg, export: str) -> None:
+    """The architecture's weights alone (no mask token or other sub-branch extra), checked to load
+    strictly into a freshly built model of it: the file a user takes to timm elsewhere."""
+    from ..errors import MaskSubError
+    from . import checkpoint
+    from .build import build_model
+
+    sd = model.state_dict()
+    plain = build_model(cfg, pretrained=False)
+    plain.load_state_dict({k: sd[k] for k in arch_keys}, strict=True)
+    try:
+        checkpoint.export_weights(plain, export)
+    except OSError as e:
+        raise MaskSubError(f"--export {export} could not be written ({e.strerror or e}); no partial file "
+                           "was left. Give another path") from None
 
 
 def main(args: argparse.Namespace) -> int:

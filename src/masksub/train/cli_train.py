@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # What a checkpoint's weights, optimizer state and data position depend on: fixed on --resume.
 FROZEN_ON_RESUME = ("model", "model_kwargs", "num_classes", "img_size", "in_chans", "sub", "family",
                     "family_options", "masking_only", "opt", "layer_decay", "ema", "bce", "data", "data_dir",
-                    "train_split", "subset", "synthetic_size", "batch_size", "accum_steps", "seed", "repeated_aug",
+                    "train_split", "subset", "subset_seed", "synthetic_size", "batch_size", "accum_steps", "seed", "repeated_aug",
                     "output", "run_name")
 
 

@@ -60,6 +60,9 @@ class Config:
     val_split: str = "validation"
     subset: int = 0
     val_subset: int = 0
+    # which images subset / val_subset (and the analysis passes) take from an ImageFolder or an
+    # indexable timm data set: a class-balanced sample drawn with this seed, not the first files
+    subset_seed: int = 0
     synthetic_size: int = 512
     synthetic_val_size: int = 128
     batch_size: int = 128
@@ -189,6 +192,13 @@ def _unknown_key(key: str, where: str) -> MaskSubError:
     return MaskSubError(f"unknown config key {key!r} in {where}{hint} (run `masksub train --list-keys`)")
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line: what and where (PyYAML's own text spans several)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or ' '.join(str(e).split())}{where}"
+
+
 def _coerce(key: str, value: Any, where: str) -> Any:
     """Turn a YAML / command-line value into the field's type, or say why it cannot be."""
     hint = _HINTS[key]
@@ -203,7 +213,7 @@ def _coerce(key: str, value: Any, where: str) -> Any:
             try:
                 value = yaml.safe_load(value)
             except yaml.YAMLError as e:
-                raise MaskSubError(f"{where}: cannot read value {value!r} for {key}: {e}") from None
+                raise MaskSubError(f"{where}: cannot read value {value!r} for {key}: {_yaml_problem(e)}") from None
     if value is None:
         if optional:
             return None
@@ -276,7 +286,7 @@ def load(recipe: str | None, overrides: dict[str, Any] | None = None, *, check_p
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise MaskSubError(f"recipe {path} is not valid YAML: {e}") from None
+            raise MaskSubError(f"recipe {path} is not valid YAML: {_yaml_problem(e)}") from None
         if not isinstance(data, dict):
             raise MaskSubError(f"recipe {path} must be a mapping of key: value")
         data.setdefault("recipe", path.stem)
@@ -375,6 +385,8 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
                 "eval_batch_size", "synthetic_size", "synthetic_val_size", "crop_pad"):
         if getattr(cfg, key) < 0:
             raise MaskSubError(f"{key} must be >= 0, got {getattr(cfg, key)}")
+    if cfg.subset_seed < 0:
+        raise MaskSubError(f"subset_seed must be >= 0, got {cfg.subset_seed}")
     if cfg.lr <= 0:
         raise MaskSubError(f"lr must be > 0, got {cfg.lr}")
     if cfg.weight_decay < 0 or cfg.warmup_epochs < 0 or cfg.min_lr < 0:

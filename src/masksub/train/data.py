@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -217,21 +218,42 @@ class StreamData:
 
 # -- sources ----------------------------------------------------------------------------------
 def _read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
+    """An IDX file (gzipped), checked: a truncated or empty copy is refused by name, not read short."""
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise MaskSubError(f"{path} cannot be read as a gzipped IDX file ({type(e).__name__}: {e}); it is "
+                           "truncated or damaged. Copy it again, or drop data_dir to use the Debian copy") from None
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08 or not 1 <= data[3] <= 4:
+        raise MaskSubError(f"{path} is not a uint8 IDX file ({len(data)} bytes after gunzip, header "
+                           f"{data[:4].hex() or 'empty'}); copy it again")
     ndim = data[3]
     dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    need = 4 + 4 * ndim + math.prod(dims)
+    if len(data) != need:
+        raise MaskSubError(f"{path} holds {len(data)} bytes, its header {dims} needs {need}: the file is "
+                           "truncated. Copy it again")
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
 def fashion_mnist(split: str, data_dir: str = "") -> tuple[Tensor, Tensor]:
-    """Fashion-MNIST as (uint8 N,1,28,28, int64 N): Debian's IDX files, else torchvision."""
+    """Fashion-MNIST as (uint8 N,1,28,28, int64 N): the IDX files in ``data_dir`` when given (else
+    Debian's), then torchvision. A ``data_dir`` that does not exist is refused, not replaced by
+    another copy."""
     images_f, labels_f = FMNIST_FILES[split]
-    for d in ([data_dir] if data_dir else []) + list(FMNIST_DIRS):
+    if data_dir and not Path(data_dir).expanduser().is_dir():
+        raise MaskSubError(f"data_dir {data_dir} does not exist (or is not a folder); give the folder with the "
+                           "Fashion-MNIST .gz files, or drop data_dir to use the Debian package's copy")
+    dirs = [data_dir, os.path.join(data_dir, "FashionMNIST", "raw")] if data_dir else list(FMNIST_DIRS)
+    for d in dirs:
         root = Path(d).expanduser()
         if (root / images_f).is_file() and (root / labels_f).is_file():
             x = torch.from_numpy(_read_idx(root / images_f).copy()).unsqueeze(1)
             y = torch.from_numpy(_read_idx(root / labels_f).astype(np.int64))
+            if x.ndim != 4 or x.shape[2:] != (28, 28) or len(x) != len(y):
+                raise MaskSubError(f"{root}: {images_f} holds {tuple(x.shape)} images and {labels_f} {len(y)} "
+                                   "labels; they are not a matching Fashion-MNIST pair")
             return x, y
     try:
         from torchvision.datasets import FashionMNIST
@@ -240,8 +262,9 @@ def fashion_mnist(split: str, data_dir: str = "") -> tuple[Tensor, Tensor]:
         ds = FashionMNIST(root, train=split == "train", download=True)
         return ds.data.unsqueeze(1).clone(), ds.targets.clone()
     except Exception as e:  # noqa: BLE001 - any failure means: no data
+        where = f"{data_dir} has no {images_f} / {labels_f}; " if data_dir else ""
         raise MaskSubError(
-            "Fashion-MNIST not found: install the Debian package dataset-fashion-mnist "
+            f"Fashion-MNIST not found: {where}install the Debian package dataset-fashion-mnist "
             f"(sudo apt-get install dataset-fashion-mnist), or go online so torchvision can fetch it ({e})"
         ) from None
 
@@ -331,32 +354,10 @@ def build_transforms(cfg: Config) -> tuple[Any, Any]:
     return train_tf, eval_tf
 
 
-def _check_imagefolder_splits(root: Path, train_split: str, val_split: str) -> None:
-    """timm falls back to the root itself for a split folder it cannot find: a tree without a
-    val folder would then be validated on its training images, silently. Refuse that."""
-    from timm.data.dataset_factory import _EVAL_SYNONYM, _TRAIN_SYNONYM
-
-    def find(split: str) -> Path | None:
-        name = split.split("[")[0]
-        synonyms = _TRAIN_SYNONYM if name in _TRAIN_SYNONYM else _EVAL_SYNONYM if name in _EVAL_SYNONYM else {}
-        for cand in (name, *synonyms):
-            if (root / cand).is_dir():
-                return root / cand
-        return None
-
-    tr, va = find(train_split), find(val_split)
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if tr is None:
-        raise MaskSubError(f"ImageFolder root {root} has no {train_split!r} folder (found {folders}); give the "
-                           "training folder with --set train_split=NAME")
-    if va is None or va == tr:
-        raise MaskSubError(
-            f"ImageFolder root {root} has no validation folder ({val_split!r}, val, validation, ...; found "
-            f"{folders}): validation would run on the training images. Give one with --set val_split=NAME")
-
-
-def build_data(cfg: Config, *, device: torch.device, rank: int = 0, world: int = 1) -> tuple[Any, Any]:
-    """(train, val) data objects with ``num_batches(epoch)``, ``iterate(epoch, start)``, ``plain(n)``."""
+def build_data(cfg: Config, *, device: torch.device, rank: int = 0, world: int = 1,
+               eval_only: bool = False) -> tuple[Any, Any]:
+    """(train, val) data objects with ``num_batches(epoch)``, ``iterate(epoch, start)``, ``plain(n)``;
+    ``eval_only``: (None, val), the training split read only for an ImageFolder's class map."""
     eval_bs = cfg.eval_batch_size or cfg.batch_size
     if cfg.data in ("synthetic", "fashion-mnist"):
         if cfg.data == "synthetic":
@@ -365,9 +366,10 @@ def build_data(cfg: Config, *, device: torch.device, rank: int = 0, world: int =
         else:
             if cfg.in_chans != 1:
                 raise MaskSubError(f"Fashion-MNIST is grey-scale: set in_chans=1 (got {cfg.in_chans})")
-            tr, va = fashion_mnist("train", cfg.data_dir), fashion_mnist("test", cfg.data_dir)
             if cfg.num_classes != 10:
                 raise MaskSubError(f"Fashion-MNIST has 10 classes: set num_classes=10 (got {cfg.num_classes})")
+            va = fashion_mnist("test", cfg.data_dir)
+            tr = va if eval_only else fashion_mnist("train", cfg.data_dir)
         if cfg.subset:
             tr = (tr[0][: cfg.subset], tr[1][: cfg.subset])
         if cfg.val_subset:
@@ -379,17 +381,24 @@ def build_data(cfg: Config, *, device: torch.device, rank: int = 0, world: int =
         train = TensorData(*tr, batch_size=cfg.batch_size, train=True, repeats=cfg.repeated_aug,
                            crop_pad=cfg.crop_pad if aug else 0, hflip=cfg.hflip if aug else 0.0, **common)
         val = TensorData(*va, batch_size=eval_bs, train=False, **common)
-        return train, val
+        return (None if eval_only else train), val
 
     from timm.data import create_dataset
 
     train_tf, eval_tf = build_transforms(cfg)
     name, root = ("", cfg.data) if not cfg.data.startswith(("hfds/", "hfids/", "wds/", "tfds/")) else (cfg.data, cfg.data_dir)
+    common = dict(seed=cfg.seed, rank=rank, world=world, workers=cfg.workers, device=device,
+                  channels_last=cfg.channels_last)
     if name == "":
         root_p = Path(root).expanduser()
         if not root_p.is_dir():
             raise MaskSubError(f"data path {root} is not a directory (an ImageFolder root)")
-        _check_imagefolder_splits(root_p, cfg.train_split, cfg.val_split)
+        train_ds, val_ds, plain_ds = _imagefolder(cfg, root_p, train_tf, eval_tf, eval_only=eval_only, rank=rank)
+        val = LoaderData(val_ds, batch_size=eval_bs, train=False, **common)
+        if eval_only:
+            return None, val
+        return LoaderData(train_ds, batch_size=cfg.batch_size, train=True, plain_dataset=plain_ds,
+                          repeats=cfg.repeated_aug, **common), val
     try:
         kw = dict(root=root, search_split=True, input_img_mode="L" if cfg.in_chans == 1 else "RGB",
                   batch_size=cfg.batch_size, seed=cfg.seed)
@@ -406,17 +415,62 @@ def build_data(cfg: Config, *, device: torch.device, rank: int = 0, world: int =
         common = dict(workers=cfg.workers, device=device, channels_last=cfg.channels_last)
         return (StreamData(train_ds, batch_size=cfg.batch_size, train=True, **common),
                 StreamData(val_ds, batch_size=eval_bs, train=False, **common))
-    if cfg.subset:
-        from torch.utils.data import Subset
+    from torch.utils.data import Subset
 
-        train_ds = Subset(train_ds, range(min(cfg.subset, len(train_ds))))
+    from .imagefolder import subset_indices
+
+    if cfg.subset:  # a seeded random sample, not the first rows (often sorted by class)
+        train_ds = Subset(train_ds, subset_indices(len(train_ds), cfg.subset, cfg.subset_seed))
     if cfg.val_subset:
-        from torch.utils.data import Subset
-
-        val_ds = Subset(val_ds, range(min(cfg.val_subset, len(val_ds))))
-    common = dict(seed=cfg.seed, rank=rank, world=world, workers=cfg.workers, device=device,
-                  channels_last=cfg.channels_last)
+        val_ds = Subset(val_ds, subset_indices(len(val_ds), cfg.val_subset, cfg.subset_seed))
     train = LoaderData(train_ds, batch_size=cfg.batch_size, train=True, plain_dataset=plain_ds,
                        repeats=cfg.repeated_aug, **common)
     val = LoaderData(val_ds, batch_size=eval_bs, train=False, **common)
     return train, val
+
+
+def _imagefolder(cfg: Config, root: Path, train_tf: Any, eval_tf: Any, *, eval_only: bool,
+                 rank: int) -> tuple[Any, Any, Any]:
+    """(train, val, plain) timm ``ImageDataset``s of an ImageFolder tree, all with the training
+    split's class map; ``subset`` / ``val_subset`` / the analysis images are seeded, class-balanced
+    samples (``subset_seed``), the same on every rank and on resume."""
+    import sys
+
+    from timm.data import ImageDataset
+
+    from . import imagefolder as F
+
+    tr_dir, va_dir = F.split_folders(root, cfg.train_split, cfg.val_split, for_eval=eval_only)
+    scans = {tr_dir: F.scan(tr_dir)}
+    scans[va_dir] = scans.get(va_dir) or F.scan(va_dir)
+    for folder, sc in scans.items():
+        if not sc.samples:
+            raise MaskSubError(f"ImageFolder split {folder} holds no images (looked for "
+                               f"{', '.join(sorted(_img_extensions()))} files in its class folders)")
+        if sc.loops and rank == 0:
+            print(f"masksub: note: {len(sc.loops)} symlinked folder(s) under {folder} lead back up the tree "
+                  f"and were not followed (e.g. {sc.loops[0]})", file=sys.stderr)
+    classes = F.class_map(scans[tr_dir])
+    F.check_num_classes(classes, cfg.num_classes, tr_dir,
+                        "the checkpoint's num_classes" if eval_only else "num_classes")
+    mode = "L" if cfg.in_chans == 1 else "RGB"
+
+    def dataset(samples: list[tuple[str, int]], folder: Path, tf: Any, k: int) -> Any:
+        if k:
+            samples = [samples[i] for i in F.subset_indices(len(samples), k, cfg.subset_seed,
+                                                            [t for _, t in samples])]
+        return ImageDataset(str(folder), reader=F.FolderReader(folder, samples), input_img_mode=mode, transform=tf)
+
+    val_ds = dataset(F.labelled(scans[va_dir], classes, tr_dir), va_dir, eval_tf, cfg.val_subset)
+    if eval_only:
+        return None, val_ds, None
+    train_samples = F.labelled(scans[tr_dir], classes, tr_dir)
+    train_ds = dataset(train_samples, tr_dir, train_tf, cfg.subset)
+    plain_ds = dataset(train_ds.reader.samples, tr_dir, eval_tf, cfg.analysis_subset)
+    return train_ds, val_ds, plain_ds
+
+
+def _img_extensions() -> set[str]:
+    from timm.data.readers.img_extensions import get_img_extensions
+
+    return get_img_extensions(as_set=True)

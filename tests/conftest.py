@@ -84,21 +84,23 @@ def _seed():
 
 
 # -- running on several cores (pytest-xdist, configured in pyproject.toml) ----------------------
-# Modules whose module-scoped fixture is costly (a training run, a process group, a bench run):
-# their tests stay on one worker, so the fixture runs once.
-ONE_WORKER = ("test_bench.py", "test_checkpoint.py", "test_ddp.py", "test_fsdp.py")
+# Each test module runs whole on one worker (``--dist loadfile``: a module fixture such as a
+# training run, a process group or a bench runs once). Workers take modules in collection order,
+# so the longest modules go first and the last minutes are not one long module running while the
+# other cores idle. Rough seconds of each long module in one process on a shared 2-core machine:
+# only their order matters, and a module missing here just keeps its place after them.
+MODULE_SECONDS = {
+    "test_gpu_evidence.py": 340, "test_readme_integrations.py": 340, "test_hf_trainer.py": 220,
+    "test_fsdp_train.py": 170, "test_integrations_ddp.py": 115, "test_fsdp.py": 110,
+    "test_families_timm.py": 100, "test_reliability.py": 80, "test_readme.py": 75, "test_ddp.py": 60,
+    "test_glue.py": 60, "test_clip_train.py": 50, "test_bench.py": 45, "test_signals.py": 36,
+    "test_checkpoint.py": 35, "test_sampler.py": 35, "test_torchrun.py": 30,
+}
 
 
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Keep the costly-fixture modules on one worker each, and hand out the modules with the
-    longest tests first (whole modules, in their own order: module fixtures still run once), so
-    that the last minutes are not one long test running while the other cores idle."""
-    for item in items:
-        if item.path.name in ONE_WORKER:
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))
-    heavy = {item.path for item in items if item.get_closest_marker("slow") or item.path.name in ONE_WORKER}
-    items.sort(key=lambda item: item.path not in heavy)  # stable: the order within a module is kept
+    """The longest modules first (stable: the order within a module is kept)."""
+    items.sort(key=lambda item: -MODULE_SECONDS.get(item.path.name, 0))
 
 
 # -- processes ---------------------------------------------------------------------------------

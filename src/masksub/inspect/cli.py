@@ -39,6 +39,9 @@ def _kwargs(items: list[str]) -> dict:
 def main(args: argparse.Namespace) -> int:
     from .report import inspect_model, load_model
 
+    for flag, value in (("--batch", args.batch), ("--img-size", args.img_size), ("--num-classes", args.num_classes)):
+        if value < 1:
+            raise MaskSubError(f"{flag} must be at least 1, got {value}")
     modes = tuple(m for m in args.modes.split(",") if m)
     bad = [m for m in modes if m not in MODES]
     if bad:

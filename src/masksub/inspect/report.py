@@ -127,7 +127,8 @@ def _check_input(model: nn.Module, fwd: Callable[[nn.Module, Any], Tensor], x: A
     except Exception as e:  # noqa: BLE001 - any failure of the user's model is reported, not hidden
         img = x.get("pixel_values") if isinstance(x, dict) else x
         shape = "x".join(map(str, img.shape[-2:])) if isinstance(img, Tensor) and img.ndim == 4 else None
-        built = getattr(getattr(unwrap(model), "patch_embed", None), "img_size", None)
+        built = next((m.img_size for m in unwrap(model).modules()
+                      if getattr(m, "strict_img_size", False) and getattr(m, "img_size", None) is not None), None)
         hint = ""
         if built is not None:
             built = "x".join(map(str, built if isinstance(built, (tuple, list)) else (built, built)))

@@ -169,6 +169,7 @@ class DropSub(Family):
             raise MaskSubError(f"DropSub scope must be one of {SCOPES}, got {scope!r}")
         self.scope = scope
         self._slots = PerModel()
+        self._seen = PerModel()  # {"ran": bool}: a raised dropout ran in a sub forward of this model
 
     def slots(self, model: nn.Module) -> tuple[list[tuple[nn.Module, str]], str]:
         """What the sub forward raises on ``model``, and the scope used (for ``masksub inspect``)."""
@@ -189,9 +190,14 @@ class DropSub(Family):
         slots, scope = self.slots(model)
         return f"{len(slots)} dropout rate(s) set to {ratio:g} ({scope})"
 
-    def apply(self, model: nn.Module, ratio: float) -> contextlib.AbstractContextManager:
+    @contextlib.contextmanager
+    def apply(self, model: nn.Module, ratio: float) -> Iterator[None]:
         _require_train(model, "dropout")
-        return set_rates((m, a, ratio) for m, a in self.slots(model)[0])
+        slots = self.slots(model)[0]
+        seen = self._seen.get(model, lambda m: {"ran": False})
+        with set_rates((m, a, ratio) for m, a in slots), \
+                _must_run(model, [m for m, _ in slots], seen, f"DropSub raised {len(slots)} dropout rate(s)"):
+            yield
 
 
 @contextlib.contextmanager
@@ -205,6 +211,27 @@ def _counting(module: nn.Module, calls: list[int], i: int) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+@contextlib.contextmanager
+def _must_run(model: nn.Module, raised: list[nn.Module], seen: dict[str, bool], what: str) -> Iterator[None]:
+    """Until one sub forward showed a raised module running, count calls: a model that ran while
+    none of ``raised`` did would give a sub-branch equal to the main one, so it is refused."""
+    if seen["ran"]:
+        yield
+        return
+    calls = [0, 0]  # model forwards, raised-module forwards
+    with contextlib.ExitStack() as hooks:
+        hooks.enter_context(_counting(model, calls, 0))
+        for m in {id(m): m for m in raised}.values():
+            hooks.enter_context(_counting(m, calls, 1))
+        yield
+    if calls[1]:
+        seen["ran"] = True
+    elif calls[0]:
+        raise MaskSubError(
+            f"{what} of {type(model).__name__}, but none of them ran in its forward: the sub-branch "
+            "would equal the main branch; use another mode (mode='mask', 'dropout' or 'droppath')")
 
 
 def drop_path_slots(model: nn.Module) -> tuple[list[tuple[nn.Module, str]], list[tuple[nn.Module, str]]]:
@@ -272,27 +299,16 @@ class PathSub(Family):
         fill.train(model.training)
         swapped: list[tuple[nn.Module, str, Any, bool]] = []
         seen = self._seen.get(model, lambda m: {"ran": False})
-        with set_rates((m, a, getattr(m, a) + ratio) for m, a in paths), \
-                contextlib.ExitStack() as hooks:
+        what = f"PathSub raised {len(paths)} drop-path rate(s) and filled {len(empty)} empty slot(s)"
+        with set_rates((m, a, getattr(m, a) + ratio) for m, a in paths):
             try:
                 for m, name in empty:
                     in_modules = name in m._modules
                     old = m._modules[name] if in_modules else m.__dict__.pop(name)
                     swapped.append((m, name, old, in_modules))
                     m._modules[name] = fill
-                calls = [0, 0]  # model forwards, drop-path forwards
-                if not seen["ran"]:  # until one sub forward showed a drop-path running
-                    hooks.enter_context(_counting(model, calls, 0))
-                    for m in {id(m): m for m, _ in paths + [(fill, "")]}.values():
-                        hooks.enter_context(_counting(m, calls, 1))
-                yield
-                if calls[1]:
-                    seen["ran"] = True
-                elif calls[0]:
-                    raise MaskSubError(
-                        f"PathSub raised {len(paths)} drop-path rate(s) and filled {len(empty)} empty slot(s) of "
-                        f"{type(model).__name__}, but none of them ran in its forward: the sub-branch would "
-                        "equal the main branch; use mode='mask' or mode='dropout'")
+                with _must_run(model, [m for m, _ in paths] + [fill], seen, what):
+                    yield
             finally:
                 for m, name, old, in_modules in reversed(swapped):
                     if in_modules:

@@ -33,7 +33,7 @@ from .mask_token import TOKEN_NAME, ensure_mask_token
 from .masks import masked_count, random_mask
 from .pixel import check_image_batch, image_of
 
-_STOP = (nn.Conv2d, nn.Linear, nn.MultiheadAttention, nn.Embedding)
+_STOP = (nn.Linear, nn.MultiheadAttention, nn.Embedding)
 
 
 def channel_axis(norm: nn.Module) -> int | None:
@@ -74,8 +74,8 @@ def _image_channels(model: nn.Module) -> int:
 
 
 def find_stem(model: nn.Module) -> StemSite | None:
-    """The first conv that takes the image, followed (before any other conv, linear or attention)
-    by a LayerNorm-like norm in the conv's own block (its parent, or the parent's parent below
+    """The first conv that takes the image, followed (before any linear or attention layer) by a
+    LayerNorm-like norm in the conv's own block (its parent, or the parent's parent below
     the model), whatever either is called: ``stem`` (timm ConvNeXt), ``patch_embed`` (PVTv2,
     Twins), ``embeddings`` (Hugging Face ConvNeXt, Swin, Segformer). None when the norm after the
     first conv is a BatchNorm (pixel masking is safe there) or there is none."""
@@ -86,16 +86,17 @@ def find_stem(model: nn.Module) -> StemSite | None:
         return None
     conv = mods[start][0]
     parent = conv.rpartition(".")[0]
-    scopes = [parent] + ([parent.rpartition(".")[0]] if "." in parent else [])
+    grand = parent.rpartition(".")[0] if "." in parent else None
     for i in range(start + 1, len(mods)):
         name, m = mods[i]
-        if isinstance(m, _STOP):
+        owner = name.rpartition(".")[0]
+        # in the conv's own block, or a direct child of the block around it (HF Swin's embeddings.norm)
+        inside = (bool(parent) and name.startswith(f"{parent}.")) or (grand is not None and owner == grand) \
+            or i == start + 1
+        if not inside or isinstance(m, _STOP):
             return None
         if not _is_norm(m) or isinstance(m, nn.Identity):
-            continue
-        inside = any(name.startswith(f"{s}.") for s in scopes if s) or i == start + 1
-        if not inside:
-            return None
+            continue  # an activation, or a second conv of the same stem (conv-act-conv-norm)
         axis = channel_axis(m)
         shape = getattr(m, "normalized_shape", None)
         dim = shape[0] if shape else getattr(m, "num_channels", None)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..branches import MODES, Family, unwrap
 from ..branches.drop import drop_path_slots, dropout_slots, set_rates
+from ..branches.mask_token import TOKEN_NAME
 from ..errors import MaskSubError
 from ..loss import relaxed_loss
 from ..step import MaskSub, default_forward
@@ -173,8 +174,9 @@ def inspect_model(model: nn.Module, x: Any = None, y: Any = None, *, modes: tupl
         try:
             ms.validate(x)
             _measure(model, ms, fwd, x, y, rep, repeats)
-        except MaskSubError as e:
-            rep.warnings.append(f"the sub-branch failed on this input: {e}")
+        except MaskSubError as e:  # the family refuses this model or input: said as a refusal
+            rep.family, rep.why, rep.does = None, "no sub-branch", str(e)
+            rep.warnings.append(f"the sub-branch refused this model or input: {e}")
     return reports
 
 
@@ -213,7 +215,32 @@ def _outputs(model: nn.Module, fwd: Callable, x: Any, head: nn.Module | None) ->
     return out, (seen[-1] if seen else None)
 
 
-def _compare(model: nn.Module, ms: MaskSub, fwd: Callable, x: Any) -> tuple[bool, bool]:
+def _zero_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Weights that start at exactly 0 (SwinV2's post-norms, LeViT's last BatchNorms, zero heads):
+    a residual branch behind one adds nothing at init, so dropping it changes nothing yet."""
+    return [(n, p) for n, p in model.named_parameters() if p.ndim >= 1 and "bias" not in n.rsplit(".", 1)[-1]
+            and n != TOKEN_NAME and not bool(p.detach().any())]
+
+
+def _differs_once_trained(model: nn.Module, ms: MaskSub, fwd: Callable, x: Any) -> list[str]:
+    """The zero-initialised weights that hide the sub-branch at init: set to small random values
+    (then put back to exact zeros), does the sub output differ? Their names, or [] if not."""
+    zeros = _zero_weights(unwrap(model))
+    if not zeros:
+        return []
+    try:
+        with torch.no_grad():
+            for _, p in zeros:
+                p.normal_(0.0, 0.02, generator=torch.Generator(device=p.device).manual_seed(0))
+        same, _ = _compare(model, ms, fwd, x, retry=False)
+    finally:
+        with torch.no_grad():
+            for _, p in zeros:
+                p.zero_()
+    return [] if same else [n for n, _ in zeros]
+
+
+def _compare(model: nn.Module, ms: MaskSub, fwd: Callable, x: Any, retry: bool = True) -> tuple[bool, bool]:
     """(sub equals main, head is zero): one main and one sub forward with every dropout and
     drop-path of the model at 0 except what the sub-branch itself raises, compared on the features
     the head is given (a zero-initialised head makes every logit equal), so neither dropout left on
@@ -221,15 +248,18 @@ def _compare(model: nn.Module, ms: MaskSub, fwd: Callable, x: Any) -> tuple[bool
     inner = unwrap(model)
     rates = [(m, a) for m, a in dropout_slots(inner, "all")[0]] + drop_path_slots(inner)[0]
     head = classifier(inner)
+    same = True
     with set_rates((m, a, 0.0) for m, a in rates):
-        torch.manual_seed(0)
         main, main_feat = _outputs(model, fwd, x, head)
-        torch.manual_seed(0)
-        with ms.sub():
-            sub, sub_feat = _outputs(model, fwd, x, head)
-    same = torch.equal(main, sub)
-    if main_feat is not None and sub_feat is not None and main_feat.shape == sub_feat.shape:
-        same = torch.equal(main_feat, sub_feat)
+        for seed in range(8 if retry else 1):  # drop-path on a small batch may keep every sample once
+            torch.manual_seed(seed)
+            with ms.sub():
+                sub, sub_feat = _outputs(model, fwd, x, head)
+            same = torch.equal(main, sub)
+            if main_feat is not None and sub_feat is not None and main_feat.shape == sub_feat.shape:
+                same = torch.equal(main_feat, sub_feat)
+            if not same:
+                break
     return same, _zero_head(head)
 
 
@@ -237,7 +267,7 @@ def _flops(model: nn.Module, fwd: Callable, x: Any, ms: MaskSub | None = None) -
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
+    with counter:  # with grad: its module tracker hooks autograd, which a parameter output under no_grad breaks
         if ms is None:
             fwd(model, x)
         else:
@@ -257,6 +287,12 @@ def _measure(model: nn.Module, ms: MaskSub, fwd: Callable, x: Any, y: Any, rep: 
     gm, gs = float(out.grad_norm_main), float(out.grad_norm_sub)
     rep.grad_ratio = gs / gm if gm > 0 else math.inf
     rep.sub_equals_main, zero_head = _compare(model, ms, fwd, x)
+    hidden = _differs_once_trained(model, ms, fwd, x) if rep.sub_equals_main else []
+    if hidden:
+        rep.sub_equals_main = False
+        rep.notes.append(f"{len(hidden)} weight(s) start at 0 ({', '.join(hidden[:3])}{', ...' if len(hidden) > 3 else ''}): "
+                         "the sub output equals the main one at init and differs once they train (checked with "
+                         "them set to small random values)")
     main_flops = _flops(model, fwd, x)
     rep.flop_ratio = _flops(model, fwd, x, ms) / main_flops if main_flops else None
     rep.restored = _same(before, _state(model))

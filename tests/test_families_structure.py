@@ -183,6 +183,7 @@ def test_inspect_image_size_checked_before_the_first_forward(name, capsys):
     (["resnet18", "--kw", "layerz=2"], "layerz"),
     (["vit_tiny_patch16_224", "--img-size", "50"], "50x50"),
     (["resnet18", "--batch", "0"], "--batch"),
+    (["--batch", "0"], "--batch must be at least 1, got 0"),
     (["resnet18", "--img-size", "0"], "--img-size"),
 ])
 def test_inspect_bad_input_is_one_line(argv, bad, capsys):

@@ -131,10 +131,6 @@ def test_the_sweep_covers_every_timm_module():
     assert len(HF_IMAGE) >= 10 and len(HF_TEXT) >= 8
 
 
-def _chunks(names: list[str], n: int) -> list[list[str]]:
-    return [names[i::n] for i in range(n)]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("module", sorted(TIMM))
 def test_timm_module(module):

@@ -2,13 +2,15 @@
 
 Each family registers itself where it is defined (``@register_family``), with what is known of
 it: detection priority, why it fits, the cost it promises, how it describes what it does. A new
-family is one module imported below; ``family=`` overrides detection.
+family is one module in this package; ``family=`` overrides detection.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
+import pkgutil
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -16,9 +18,6 @@ from typing import Any
 from torch import nn
 
 from ..errors import MaskSubError
-
-# Importing a family's module registers it.
-from . import custom, mask_token, pixel, stem, text, vit  # noqa: F401
 from .base import (
     MODES,
     Family,
@@ -30,6 +29,11 @@ from .base import (
     unwrap,
 )
 from .drop import DropSub, PathSub
+
+# Every module of this package is imported, and each family registers itself where it is
+# defined: a new family is one file here.
+for _mod in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_mod.name}")
 
 __all__ = [
     "MODES", "Family", "DropSub", "PathSub", "build_branch", "detect_family", "family_names",

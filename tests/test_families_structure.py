@@ -320,3 +320,29 @@ def test_every_family_carries_what_is_known_of_it():
 
 def test_tiny_vit_still_detected_first():
     assert build_branch(tiny_vit(img_size=32), "mask").name == "vit"
+
+
+def test_ghostnetv2_pathsub_is_refused_with_the_reason():
+    import timm
+
+    model = timm.create_model("ghostnetv2_100", num_classes=3)  # drop_rate=0: its drop_path slot never runs
+    (rep,) = inspect_model(model, batch=2, repeats=0, modes=("droppath",))
+    assert rep.family is None and "none of them ran" in rep.does, rep
+
+
+class UnusedMlpDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(4, 4))
+        self.mlp.drop = nn.Dropout(0.1)  # a residual-scope slot its forward never calls
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.mlp[0](x))
+
+
+def test_dropsub_refuses_dropouts_that_never_run():
+    model = UnusedMlpDropout()
+    ms = MaskSub(model, "dropout")
+    with pytest.raises(MaskSubError, match="none of them ran"):
+        ms.backward(torch.randn(2, 4), torch.tensor([0, 1]), nn.CrossEntropyLoss())

@@ -158,7 +158,8 @@ def inspect_model(model: nn.Module, x: Any = None, y: Any = None, *, modes: tupl
     model.train()
     if measure:
         _check_input(model, fwd, x)
-    reports = []
+    reports: list[ModeReport] = []
+    cache: dict[str, Any] = {}
     for mode in modes:
         try:
             ms = MaskSub(model, mode, ratio, forward_fn=forward_fn, **family_options)
@@ -173,7 +174,7 @@ def inspect_model(model: nn.Module, x: Any = None, y: Any = None, *, modes: tupl
             continue
         try:
             ms.validate(x)
-            _measure(model, ms, fwd, x, y, rep, repeats)
+            _measure(model, ms, fwd, x, y, rep, repeats, cache)
         except MaskSubError as e:  # the family refuses this model or input: said as a refusal
             rep.family, rep.why, rep.does = None, "no sub-branch", str(e)
             rep.warnings.append(f"the sub-branch refused this model or input: {e}")
@@ -274,7 +275,8 @@ def _flops(model: nn.Module, fwd: Callable, x: Any, ms: MaskSub | None = None) -
             with ms.sub():
                 fwd(model, x)
     return counter.get_total_flops()
-def _measure(model: nn.Module, ms: MaskSub, fwd: Callable, x: Any, y: Any, rep: ModeReport, repeats: int) -> None:
+def _measure(model: nn.Module, ms: MaskSub, fwd: Callable, x: Any, y: Any, rep: ModeReport, repeats: int,
+             cache: dict[str, Any]) -> None:
     before = _state(model)
     with torch.no_grad():
         main_out = fwd(model, x)
@@ -293,7 +295,7 @@ def _measure(model: nn.Module, ms: MaskSub, fwd: Callable, x: Any, y: Any, rep: 
         rep.notes.append(f"{len(hidden)} weight(s) start at 0 ({', '.join(hidden[:3])}{', ...' if len(hidden) > 3 else ''}): "
                          "the sub output equals the main one at init and differs once they train (checked with "
                          "them set to small random values)")
-    main_flops = _flops(model, fwd, x)
+    main_flops = cache["main_flops"] = cache.get("main_flops") or _flops(model, fwd, x)  # once per model
     rep.flop_ratio = _flops(model, fwd, x, ms) / main_flops if main_flops else None
     rep.restored = _same(before, _state(model))
 

@@ -1,48 +1,35 @@
-"""Write README's family table from ``masksub inspect`` on common models (random init, CPU).
+"""Write README's family tables: every registered family, and every model module the sweep
+(tests/test_family_sweep.py) checks with the family it gets.
 
-    PYTHONPATH=src python scripts/family_table.py [README.md] [--fresh]
+    PYTHONPATH=src python scripts/family_table.py [README.md]
 
-Rows already in the table are kept (a slow CPU can fill it over several runs); ``--fresh``
-measures every model again. The README is rewritten after each row. Cost and gradient ratio
-are measured on the machine that runs it; tests/test_inspect.py checks the family and
-description columns.
+tests/test_inspect.py checks README holds exactly this output; the sweep checks each family.
 """
 
 from __future__ import annotations
 
 import sys
-import warnings
 from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
 
-from masksub.inspect.table import COMMON, END, START, parse, render, row
+from family_sweep import HF_FAMILY, HF_IMAGE, HF_TEXT, TIMM, UNBUILDABLE  # noqa: E402
+
+from masksub.inspect.table import render, section  # noqa: E402
 
 
-def write(readme: Path, rows: list[list[str]]) -> None:
-    text = readme.read_text()
-    head, rest = text.split(START, 1)
-    tail = rest.split(END, 1)[1]
-    readme.write_text(f"{head}{START}\n{render(rows)}\n{END}{tail}")
+def rows() -> list[tuple[str, str, str]]:
+    out = [(f"timm `{m}`", name, family) for m, (name, _, family) in sorted(TIMM.items())]
+    out += [(f"timm `{m}`", "-", f"not built: {why}") for m, why in sorted(UNBUILDABLE.items())]
+    out += [(f"Hugging Face `{k}`", f"{k} classification head", HF_FAMILY[k]) for k in HF_IMAGE + HF_TEXT]
+    return out
 
 
 def main(argv: list[str]) -> None:
-    fresh = "--fresh" in argv
-    readme = Path(next((a for a in argv if not a.startswith("--")), "README.md"))
-    warnings.simplefilter("ignore")
-    try:
-        have = {} if fresh else parse(readme.read_text())
-    except IndexError:
-        have = {}
-    rows = [have[n] for n in COMMON if n in have]
-    for name in COMMON:
-        if name in have:
-            continue
-        torch.manual_seed(0)
-        new = row(name)
-        rows = sorted([*rows, new], key=lambda r: COMMON.index(r[0].strip("`")))
-        write(readme, rows)
-        print(" | ".join(new), flush=True)
+    readme = Path(argv[0]) if argv else ROOT / "README.md"
+    text = readme.read_text()
+    readme.write_text(text.replace(section(text), render(rows())))
 
 
 if __name__ == "__main__":

@@ -15,3 +15,11 @@ __all__ = [
     "MaskSub", "MaskSubError", "StepOutput", "family_names", "prepare", "register_family",
     "relaxed_loss", "sub_branch", "__version__",
 ]
+
+
+def __getattr__(name: str):  # ``masksub.inspect.inspect_model`` after a plain ``import masksub``
+    if name == "inspect":
+        import importlib
+
+        return importlib.import_module(".inspect", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

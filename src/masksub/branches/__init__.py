@@ -1,12 +1,16 @@
 """Sub-branches per model family, and ``sub_branch``: the context that makes ``model(x)`` one.
 
-Families are tried in a fixed order; ``family=`` overrides, ``register_family`` adds one.
+Each family registers itself where it is defined (``@register_family``), with what is known of
+it: detection priority, why it fits, the cost it promises, how it describes what it does. A new
+family is one module in this package; ``family=`` overrides detection.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
+import pkgutil
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -24,27 +28,12 @@ from .base import (
     resolve_ratio,
     unwrap,
 )
-from .custom import CustomMask
 from .drop import DropSub, PathSub
-from .mask_token import BeitMaskToken, MaskTokenFamily, RelPosMaskToken, SwinMaskToken
-from .pixel import PixelMask
-from .stem import StemMaskToken
-from .text import TextMask
-from .vit import (
-    CaitTokenRemoval,
-    HFViTTokenRemoval,
-    HieraTokenRemoval,
-    OpenClipTokenRemoval,
-    ViTTokenRemoval,
-)
 
-# Detection tries the last registered first: the CNN pixel fallback last, a model with its own
-# mask_ratio argument first.
-for _cls in (PixelMask, StemMaskToken, ViTTokenRemoval, HFViTTokenRemoval, CaitTokenRemoval, HieraTokenRemoval,
-             MaskTokenFamily,
-             BeitMaskToken, SwinMaskToken, RelPosMaskToken, TextMask, CustomMask):
-    register_family(_cls)
-register_family(OpenClipTokenRemoval)  # open_clip's vision tower, detected by its attributes
+# Every module of this package is imported, and each family registers itself where it is
+# defined: a new family is one file here.
+for _mod in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_mod.name}")
 
 __all__ = [
     "MODES", "Family", "DropSub", "PathSub", "build_branch", "detect_family", "family_names",

@@ -59,6 +59,11 @@ class Family:
     modes: tuple[str, ...] = ("mask",)
     default_ratio: float = 0.5
     adds_parameters: bool = False  # True: prepare() adds a mask token (before the optimizer)
+    # What is known of the family, in one place (``masksub inspect`` and the tests read it):
+    priority: int = 1000  # detection order, highest first; the built-in families sit below 1000
+    why: str = ""  # why the family fits a model its ``matches`` accepts
+    cost: float = 1.0  # sub forward+backward / main forward+backward that the family promises
+    masks_ratio: bool = True  # the ratio is the fraction of the input masked (not a rate)
 
     def __init__(self, **options: Any) -> None:
         if options:
@@ -83,6 +88,14 @@ class Family:
     def apply(self, model: nn.Module, ratio: float) -> contextlib.AbstractContextManager:
         raise NotImplementedError
 
+    def expected_cost(self, model: nn.Module) -> float:
+        """The cost this family promises on ``model`` (a hybrid ViT's conv stem runs in full)."""
+        return self.cost
+
+    def describe(self, model: nn.Module, ratio: float, x: Any) -> str:
+        """What the sub-branch does to the input ``x``, in words and counts (no forward run)."""
+        return f"{self.name} sub-branch at ratio {ratio:g}"
+
 
 class PerModel:
     """Remembers what the walk over one model found, so a step does not walk every module.
@@ -101,30 +114,48 @@ class PerModel:
         return self._value
 
 
-_REGISTRY: list[type[Family]] = []
+_REGISTRY: dict[str, type[Family]] = {}  # name -> family, in registration order
 
 
 def register_family(cls: type[Family]) -> type[Family]:
-    """Register a family; later registrations are tried first, so users can override ours."""
-    _REGISTRY.insert(0, cls)
+    """Register a family (usable as a class decorator where the family is defined).
+
+    Detection tries the highest ``priority`` first, and among equals the latest registered, so a
+    user's family (priority 1000 unless set) is tried before the built-in ones. A name already
+    taken by another class is refused: it would shadow that family silently.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Family)):
+        raise MaskSubError(f"register_family takes a Family subclass, got {cls!r}")
+    old = _REGISTRY.get(cls.name)
+    if old is not None and old is not cls:
+        raise MaskSubError(
+            f"a family named {cls.name!r} is already registered ({old.__module__}.{old.__qualname__}); "
+            "give yours another name")
+    _REGISTRY[cls.name] = cls
     return cls
 
 
+def _ordered() -> list[type[Family]]:
+    order = list(_REGISTRY.values())
+    return sorted(order, key=lambda c: (-c.priority, -order.index(c)))
+
+
 def family_names() -> list[str]:
-    return [c.name for c in _REGISTRY]
+    """Every registered family, in detection order (mode families, DropSub / PathSub, last)."""
+    return [c.name for c in _ordered()]
 
 
 def get_family(name: str) -> type[Family]:
-    for cls in _REGISTRY:
-        if cls.name == name:
-            return cls
-    raise MaskSubError(f"unknown family {name!r}; known: {', '.join(family_names())}")
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        raise MaskSubError(f"unknown family {name!r}; known: {', '.join(family_names())}")
+    return cls
 
 
 def detect_family(model: nn.Module) -> type[Family]:
     """The first registered mask family whose ``matches`` accepts the model."""
     inner = unwrap(model)
-    for cls in _REGISTRY:
+    for cls in _ordered():
         if "mask" in cls.modes and cls.matches(inner):
             return cls
     raise MaskSubError(

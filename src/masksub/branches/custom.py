@@ -10,14 +10,18 @@ from typing import Any
 from torch import nn
 
 from ..errors import MaskSubError
-from .base import Family, forward_pre_hook
+from .base import Family, forward_pre_hook, register_family
 
 
+@register_family
 class CustomMask(Family):
     """``mask_fn(model, x, ratio) -> x_masked`` applied to the input, or, without one, the
     model's own ``mask_ratio`` forward argument (``ratio_arg=`` names another)."""
 
     name = "custom"
+    priority = 850
+    why = "the model's forward takes mask_ratio (or mask_fn= was given)"
+    masks_ratio = False  # the user's mask_fn decides what the ratio means
 
     def __init__(self, mask_fn: Callable[[nn.Module, Any, float], Any] | None = None,
                  ratio_arg: str = "mask_ratio", **options: Any) -> None:

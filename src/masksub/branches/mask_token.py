@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import MaskSubError
-from .base import Family, PerModel, class_name
-from .masks import block_mask, random_mask
+from .base import Family, PerModel, class_name, register_family
+from .masks import block_mask, masked_count, random_mask
 
 TOKEN_NAME = "masksub_mask_token"
 
@@ -67,6 +67,7 @@ def ensure_mask_token(model: nn.Module, dim: int) -> nn.Parameter:
     return token
 
 
+@register_family
 class MaskTokenFamily(Family):
     """Replace masked patch tokens by a learnable token, in regions of ``region_px`` pixels.
 
@@ -76,6 +77,8 @@ class MaskTokenFamily(Family):
 
     name = "vit_token"
     adds_parameters = True
+    priority = 700
+    why = "chosen by family='vit_token'"
     region_px_default: int | None = None  # None: one patch
 
     def __init__(self, region_px: int | None = None, block: bool = False, **options: Any) -> None:
@@ -112,6 +115,14 @@ class MaskTokenFamily(Family):
     def validate(self, model: nn.Module, x: Any) -> None:
         if isinstance(x, Tensor) and x.ndim == 4:
             self._check_size(model, (x.shape[-2], x.shape[-1]))
+
+    def describe(self, model: nn.Module, ratio: float, x: Any) -> str:
+        ps = _patch_size(model) if hasattr(model, "patch_embed") else None
+        if not (isinstance(x, Tensor) and x.ndim == 4 and ps):
+            return super().describe(model, ratio, x)
+        r = self.region_tokens(model)
+        n = (x.shape[-2] // ps // r) * (x.shape[-1] // ps // r)
+        return f"{masked_count(n, ratio)} of {n} regions of {r}x{r} patch tokens replaced by a mask token"
 
     def _grid(self, model: nn.Module, out: Tensor) -> tuple[int, int]:
         if out.ndim == 4:
@@ -199,20 +210,26 @@ class MaskedPatchEmbed(nn.Module):
             return getattr(self.embed, name)
 
 
+@register_family
 class BeitMaskToken(MaskTokenFamily):
     """timm ``Beit`` (BEiT v2 finetuning): mask token, random (or ``block=True``) masking."""
 
     name = "beit"
+    priority = 730
+    why = "a timm Beit: relative position bias over a fixed grid, tokens cannot be removed"
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         return class_name(model) == "Beit" and hasattr(model, "patch_embed")
 
 
+@register_family
 class SwinMaskToken(MaskTokenFamily):
     """timm ``SwinTransformer``, V2 and V2Cr: mask token on 32x32-pixel regions."""
 
     name = "swin"
+    priority = 740
+    why = "a timm SwinTransformer: windows over a fixed grid, tokens cannot be removed"
     region_px_default = 32
 
     @classmethod
@@ -220,11 +237,14 @@ class SwinMaskToken(MaskTokenFamily):
         return class_name(model).startswith("SwinTransformer") and hasattr(model, "patch_embed")
 
 
+@register_family
 class RelPosMaskToken(MaskTokenFamily):
     """timm ``VisionTransformerRelPos``: relative position bias over a fixed token grid, so
     tokens are replaced by a mask token (one patch per region, as BEiT), not removed. Cost 1x."""
 
     name = "vit_relpos"
+    priority = 750
+    why = "a timm VisionTransformerRelPos: relative position bias over a fixed grid, tokens cannot be removed"
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

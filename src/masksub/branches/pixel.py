@@ -16,8 +16,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..errors import MaskSubError
-from .base import Family, forward_pre_hook
-from .masks import random_mask
+from .base import Family, forward_pre_hook, register_family
+from .masks import masked_count, random_mask
 
 
 def mask_pixels(x: Tensor, ratio: float, patch_size: int) -> Tensor:
@@ -38,10 +38,13 @@ def pixel_count(n: int, ratio: float) -> int:
     return int(math.floor(ratio * n + 1e-9))
 
 
+@register_family
 class PixelMask(Family):
     """Any model with a ``Conv2d`` taking NCHW images. Option: ``patch_size`` (default 32)."""
 
     name = "pixel"
+    priority = 100  # the CNN fallback: tried last
+    why = "has a Conv2d and no more specific family fits: zeroed pixel squares"
 
     def __init__(self, patch_size: int = 32, **options: Any) -> None:
         super().__init__(**options)
@@ -55,6 +58,14 @@ class PixelMask(Family):
 
     def validate(self, model: nn.Module, x: Any) -> None:
         check_image_batch(x, "pixel masking", self.patch_size)
+
+    def describe(self, model: nn.Module, ratio: float, x: Any) -> str:
+        img = image_of(x)
+        if img is None or img.ndim != 4:
+            return super().describe(model, ratio, x)
+        px = self.patch_size
+        n = (img.shape[-2] // px) * (img.shape[-1] // px)
+        return f"{pixel_count(n, ratio)} of {n} {px}x{px} px squares zeroed in the image"
 
     @contextlib.contextmanager
     def apply(self, model: nn.Module, ratio: float) -> Iterator[None]:

@@ -15,10 +15,11 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import MaskSubError
-from .base import Family, forward_pre_hook
+from .base import Family, forward_pre_hook, register_family
 from .masks import random_mask_among
 
 
+@register_family
 class TextMask(Family):
     """Options: ``tokenizer=`` (a Hugging Face tokenizer) or ``mask_token_id=`` with
     ``special_token_ids=`` (and ``pad_token_id=``); ``min_masked=`` (default 0).
@@ -30,6 +31,8 @@ class TextMask(Family):
 
     name = "text"
     default_ratio = 0.15
+    priority = 800
+    why = "a Hugging Face model whose forward takes input_ids"
 
     def __init__(self, tokenizer: Any = None, mask_token_id: int | None = None,
                  special_token_ids: Iterable[int] | None = None, pad_token_id: int | None = None,
@@ -44,6 +47,11 @@ class TextMask(Family):
                 special_token_ids = tokenizer.all_special_ids
             pad_token_id = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
         if mask_token_id is None:
+            if tokenizer is not None:
+                raise MaskSubError(
+                    f"the tokenizer given ({type(tokenizer).__name__}) has no mask token, which the text "
+                    "sub-branch puts in place of the masked tokens: pass mask_token_id=... (an id the model's "
+                    "embedding has, e.g. the unk or pad id) or use mode='dropout'")
             raise MaskSubError(
                 "the text sub-branch needs the [MASK] id: pass tokenizer=your_tokenizer, or "
                 "mask_token_id=... and special_token_ids=[...]"
@@ -65,6 +73,9 @@ class TextMask(Family):
             return "input_ids" in inspect.signature(model.forward).parameters
         except (TypeError, ValueError):
             return False
+
+    def describe(self, model: nn.Module, ratio: float, x: Any) -> str:
+        return f"{ratio:.0%} of the non-special, non-padding tokens of each sequence -> [MASK]"
 
     def validate(self, model: nn.Module, x: Any) -> None:
         if not (isinstance(x, dict) or hasattr(x, "keys")) or "input_ids" not in x:

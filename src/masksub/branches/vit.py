@@ -9,6 +9,7 @@ blocks run on about half the tokens: the sub-branch costs about half a main forw
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import MaskSubError
-from .base import Family, PerModel, class_name
+from .base import Family, PerModel, class_name, register_family
 from .drop import _require_train
 from .masks import masked_count
 
@@ -54,22 +55,72 @@ class TokenRemoval(nn.Module):
         return (out, idx) if self.return_indices else out
 
 
+def _pair(v: Any) -> tuple[int, int]:
+    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+def token_grid(embed: nn.Module, h: int, w: int) -> tuple[int, int] | None:
+    """The patch-token grid a patch embedding makes of an h x w image: its patch size times the
+    feature stride of a hybrid's conv backbone (timm ``HybridEmbed.feature_ratio``)."""
+    ps = getattr(embed, "patch_size", None)
+    if ps is None:
+        return None
+    fr = _pair(getattr(embed, "feature_ratio", None) or 1)
+    ps = _pair(ps)
+    return h // (ps[0] * fr[0]), w // (ps[1] * fr[1])
+
+
+def _removal_words(n: int, ratio: float, prefix: int, hybrid: bool = False) -> str:
+    where = " after the conv stem, which runs on the whole image" if hybrid else ""
+    return f"keeps {kept_count(n, ratio)} of {n} patch tokens (+{prefix} prefix token(s)){where}; the rest removed"
+
+
+@register_family
 class ViTTokenRemoval(Family):
-    """timm ``VisionTransformer`` and subclasses (DeiT-III, MAE / CLIP finetune), timm ``Eva``:
-    drop tokens."""
+    """timm ``VisionTransformer`` and subclasses (DeiT-III, MAE / CLIP finetune), timm ``Eva``,
+    ``NaFlexVit``: drop tokens. A hybrid (a conv backbone as patch embedding, timm
+    ``HybridEmbed``: ViTamin, R50-ViT) removes tokens after its conv stem, which runs in full."""
 
     name = "vit"
+    priority = 600
+    why = "has timm's patch_drop slot after the position embedding (VisionTransformer, Eva, NaFlexVit)"
+    cost = 0.5
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return hasattr(model, "patch_drop") and hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens")
+        return (("patch_drop" in model._modules or "patch_drop" in model.__dict__)
+                and (hasattr(model, "patch_embed") or hasattr(model, "embeds"))
+                and isinstance(getattr(model, "num_prefix_tokens", None), int))
+
+    @staticmethod
+    def _embed(model: nn.Module) -> nn.Module | None:
+        pe = getattr(model, "patch_embed", None)
+        if pe is None:  # NaFlexVit: self.embeds.patch_size
+            pe = getattr(model, "embeds", None)
+        return pe if isinstance(pe, nn.Module) else None
+
+    @classmethod
+    def hybrid(cls, model: nn.Module) -> bool:
+        """A conv backbone makes the tokens (timm HybridEmbed): it runs on every pixel."""
+        return isinstance(getattr(cls._embed(model), "backbone", None), nn.Module)
+
+    def expected_cost(self, model: nn.Module) -> float:
+        return 1.0 if self.hybrid(model) else self.cost
+
+    def describe(self, model: nn.Module, ratio: float, x: Any) -> str:
+        pe = self._embed(model)
+        grid = token_grid(pe, x.shape[-2], x.shape[-1]) if isinstance(x, Tensor) and x.ndim == 4 and pe else None
+        if not grid:
+            return super().describe(model, ratio, x)
+        words = _removal_words(grid[0] * grid[1], ratio, int(model.num_prefix_tokens), self.hybrid(model))
+        return words + (" (the conv stem's cost stays: between 0.5x and 1x)" if self.hybrid(model) else "")
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self._removal = PerModel()  # one module per model: compiled graphs see the same one
 
     def validate(self, model: nn.Module, x: Any) -> None:
-        pe = model.patch_embed
+        pe = getattr(model, "patch_embed", None)
         img = getattr(pe, "img_size", None)
         if not (isinstance(x, Tensor) and x.ndim == 4 and img is not None and getattr(pe, "strict_img_size", False)):
             return  # other inputs (custom forward_fn) are the model's to check
@@ -118,12 +169,15 @@ class _ThenRemove(nn.Module):
         return self.removal(self.first(x))
 
 
+HF_VIT_TYPES = ("vit", "deit", "dinov2", "dinov2_with_registers")
+
+
 def _hf_vit_embeddings(model: nn.Module) -> nn.Module | None:
     """The ``embeddings`` module of a Hugging Face ViT / DeiT (absolute position embedding,
     class (+ distillation) token first, then ``self.dropout``), else None."""
     if not type(model).__module__.startswith("transformers."):
         return None
-    if getattr(getattr(model, "config", None), "model_type", None) not in ("vit", "deit"):
+    if getattr(getattr(model, "config", None), "model_type", None) not in HF_VIT_TYPES:
         return None
     for name, m in model.named_modules():
         if name.rsplit(".", 1)[-1] == "embeddings" and hasattr(m, "patch_embeddings") \
@@ -135,9 +189,22 @@ def _hf_vit_embeddings(model: nn.Module) -> nn.Module | None:
 class SlotTokenRemoval(Family):
     """Token removal in a module slot that a model runs right after its position embedding
     (the slot's own module runs first). Subclasses say where: ``slot(model) -> (owner, attribute,
-    prefix tokens)`` or None."""
+    prefix tokens)`` or None, and ``grid(model, h, w)``: the patch-token grid of an image."""
 
     name = "slot_removal"
+    cost = 0.5
+
+    @staticmethod
+    def grid(model: nn.Module, h: int, w: int) -> tuple[int, int] | None:
+        return None
+
+    def describe(self, model: nn.Module, ratio: float, x: Any) -> str:
+        img = x.get("pixel_values") if isinstance(x, dict) else x
+        where = self.slot(model)
+        grid = self.grid(model, img.shape[-2], img.shape[-1]) if isinstance(img, Tensor) and img.ndim == 4 else None
+        if where is None or not grid:
+            return super().describe(model, ratio, x)
+        return _removal_words(grid[0] * grid[1], ratio, where[2])
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -178,26 +245,44 @@ class SlotTokenRemoval(Family):
             owner._modules[attr] = old
 
 
+@register_family
 class HFViTTokenRemoval(SlotTokenRemoval):
-    """Hugging Face ``ViTForImageClassification`` / DeiT: MAE-style token removal in the
-    embeddings' own ``dropout`` slot (right after the position embedding); the class and
-    distillation tokens are kept. Cost ~0.5x a main forward at r=0.5."""
+    """Hugging Face ``ViTForImageClassification`` / DeiT / Dinov2: MAE-style token removal in the
+    embeddings' own ``dropout`` slot (right after the position embedding); the class,
+    distillation and register tokens are kept. Cost ~0.5x a main forward at r=0.5."""
 
     name = "hf_vit"
+    priority = 630
+    why = ("a Hugging Face ViT / DeiT / Dinov2: absolute position embedding, then a dropout slot to "
+           "remove tokens in")
 
     @staticmethod
     def slot(model: nn.Module) -> tuple[nn.Module, str, int] | None:
         emb = _hf_vit_embeddings(model)
         if emb is None:
             return None
-        return emb, "dropout", 1 + int(getattr(emb, "distillation_token", None) is not None)
+        reg = getattr(emb, "register_tokens", None)
+        prefix = 1 + int(getattr(emb, "distillation_token", None) is not None) + (reg.shape[1] if reg is not None else 0)
+        return emb, "dropout", prefix
+
+    @staticmethod
+    def grid(model: nn.Module, h: int, w: int) -> tuple[int, int] | None:
+        emb = _hf_vit_embeddings(model)
+        return token_grid(emb.patch_embeddings, h, w) if emb is not None else None
 
 
+@register_family
 class CaitTokenRemoval(SlotTokenRemoval):
     """timm ``Cait``: token removal in its ``pos_drop`` slot (after the position embedding; the
     class token joins later, in the class-attention blocks). Cost ~0.5x at r=0.5."""
 
     name = "cait"
+    priority = 640
+    why = "a timm Cait: its pos_drop slot runs after the position embedding, before any class token"
+
+    @staticmethod
+    def grid(model: nn.Module, h: int, w: int) -> tuple[int, int] | None:
+        return token_grid(model.patch_embed, h, w)
 
     @staticmethod
     def slot(model: nn.Module) -> tuple[nn.Module, str, int] | None:
@@ -206,6 +291,7 @@ class CaitTokenRemoval(SlotTokenRemoval):
         return None
 
 
+@register_family
 class HieraTokenRemoval(Family):
     """timm ``Hiera``: its own mask-unit patch dropout (``patch_drop_rate``, read by
     ``forward_features`` in training) at the mask ratio for the sub forward. A mask unit is 8x8
@@ -213,6 +299,9 @@ class HieraTokenRemoval(Family):
     ~0.5x. Hiera keeps ``int(n * (1 - ratio))`` units (it rounds down what it keeps)."""
 
     name = "hiera"
+    priority = 650
+    why = "a timm Hiera: its own mask-unit patch dropout (patch_drop_rate) removes 32 px units"
+    cost = 0.5
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -227,6 +316,11 @@ class HieraTokenRemoval(Family):
     def validate(self, model: nn.Module, x: Any) -> None:
         _require_train(model, "Hiera's patch dropout")
 
+    def describe(self, model: nn.Module, ratio: float, x: Any) -> str:
+        n = math.prod(model.mask_spatial_shape)
+        unit = "x".join(map(str, model.mask_unit_size))
+        return f"keeps {int(n * (1 - ratio))} of {n} mask units ({unit} tokens each); the rest removed"
+
     @contextlib.contextmanager
     def apply(self, model: nn.Module, ratio: float) -> Iterator[None]:
         _require_train(model, "Hiera's patch dropout")  # read only in training
@@ -238,16 +332,33 @@ class HieraTokenRemoval(Family):
             model.patch_drop_rate = old
 
 
+@register_family
 class OpenClipTokenRemoval(ViTTokenRemoval):
     """open_clip's ``VisionTransformer`` tower (detected by its attributes; open_clip is never
     imported): the same token removal in its own ``patch_dropout`` slot, which it applies right
     after the position embedding, class token first, in train mode."""
 
     name = "open_clip_vit"
+    priority = 900
+    why = "an open_clip VisionTransformer tower: its patch_dropout slot runs after the position embedding"
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         return all(hasattr(model, a) for a in ("patch_dropout", "positional_embedding", "conv1", "transformer"))
+
+    @staticmethod
+    def _embed(model: nn.Module) -> nn.Module | None:
+        return model.conv1
+
+    def expected_cost(self, model: nn.Module) -> float:
+        return self.cost
+
+    def describe(self, model: nn.Module, ratio: float, x: Any) -> str:
+        if not (isinstance(x, Tensor) and x.ndim == 4):
+            return Family.describe(self, model, ratio, x)
+        ps = _pair(model.conv1.stride)
+        n = (x.shape[-2] // ps[0]) * (x.shape[-1] // ps[1])
+        return _removal_words(n, ratio, 0 if getattr(model, "class_embedding", None) is None else 1)
 
     def validate(self, model: nn.Module, x: Any) -> None:
         return None  # the tower checks its own input size

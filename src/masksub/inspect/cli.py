@@ -12,7 +12,7 @@ from ..errors import MaskSubError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="a timm model name (random init, no download) or module:function")
+    parser.add_argument("model", nargs="?", help="a timm model name (random init, no download) or module:function")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma list of {','.join(MODES)}")
     parser.add_argument("--ratio", type=float, default=None, help="the sub-branch strength (default: the paper's)")
     parser.add_argument("--img-size", type=int, default=64, help="random input images of this size (default 64)")
@@ -39,6 +39,11 @@ def _kwargs(items: list[str]) -> dict:
 def main(args: argparse.Namespace) -> int:
     from .report import inspect_model, load_model
 
+    for flag, value in (("--batch", args.batch), ("--img-size", args.img_size), ("--num-classes", args.num_classes)):
+        if value < 1:
+            raise MaskSubError(f"{flag} must be at least 1, got {value}")
+    if not args.model:
+        raise MaskSubError("give the MODEL to inspect: a timm model name or module:function")
     modes = tuple(m for m in args.modes.split(",") if m)
     bad = [m for m in modes if m not in MODES]
     if bad:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..errors import MaskSubError
 from .base import Family, forward_pre_hook, register_family
-from .masks import masked_count, random_mask
+from .masks import random_mask
 
 
 def mask_pixels(x: Tensor, ratio: float, patch_size: int) -> Tensor:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..errors import MaskSubError
+from ..step import ORDERS, resolve_amp_dtype
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 IMG_KEYS = ("filepath", "image", "path", "image_path", "file")
@@ -46,8 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop after N optimizer steps, checkpointed; --resume continues exactly (0: all epochs)")
     p.add_argument("--grad-accum", type=int, default=1,
                    help="micro-batches per optimizer step (each its own contrastive batch, one all-reduce)")
-    p.add_argument("--order", default="fused", choices=["fused", "memory"],
-                   help="memory: main backward first (text='shared'), lower peak memory, same gradient")
+    p.add_argument("--order", default="memory", choices=ORDERS,
+                   help="memory: main backward first, lower peak memory; fused: one backward; same gradient")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--wd", type=float, default=0.2)
@@ -218,7 +219,7 @@ def _train(args: argparse.Namespace, out: Path, name: str, train_pairs: list, va
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
         name, pretrained=args.pretrained, device=device)
     tokenizer = open_clip.get_tokenizer(name)
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    amp = resolve_amp_dtype(args.precision)
     scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
     # open_clip's own loss; under torchrun it gathers the features of every rank (open_clip_train's default)
     loss = open_clip.ClipLoss(rank=d.rank, world_size=d.world)

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .. import MaskSub
 from ..errors import MaskSubError
+from ..step import AMP_DTYPES
 from . import checkpoint as ckpt_mod
 from . import distributed as D
 from .build import (
@@ -47,7 +48,6 @@ NAN_ENV = "MASKSUB_TEST_NAN_STEPS"
 NAN_GRAD_ENV = "MASKSUB_TEST_NAN_GRAD_STEPS"
 # Test hook: after the optimizer step of these updates a weight is inf (an update that overflowed).
 INF_UPDATE_ENV = "MASKSUB_TEST_INF_UPDATE_STEPS"
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class _NanGrad(torch.autograd.Function):

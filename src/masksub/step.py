@@ -466,7 +466,7 @@ class _GradNorms:
         flat = torch.cat([t.reshape(-1) for t in tensors])
         torch.distributed.all_reduce(flat, group=self.group)
         flat /= torch.distributed.get_world_size(self.group)
-        return list(flat.split([t.numel() for t in tensors]))
+        return [piece.view_as(t) for piece, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)]
 
     def _norm(self, tensors: list[Tensor]) -> Tensor:
         norm = torch.nn.utils.get_total_norm(tensors)

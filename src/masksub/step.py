@@ -356,14 +356,17 @@ class MaskSub:
     def backward(self, x: Any, y: Any, criterion: Callable[[Tensor, Any], Tensor], *,
                  scaler: torch.amp.GradScaler | None = None, grad_norms: bool = False,
                  sync: bool = True, loss_scale: float = 1.0,
-                 backward_fn: Callable[[Tensor], None] | None = None) -> StepOutput:
+                 backward_fn: Callable[[Tensor], None] | None = None,
+                 no_sync: Callable[[], contextlib.AbstractContextManager] | None = None) -> StepOutput:
         """Main and sub forward + backward; the gradients of both losses end summed in ``.grad``.
 
         ``sync=False`` keeps DDP from all-reducing (gradient accumulation, not the last
         micro-batch); ``loss_scale`` multiplies both losses (e.g. 1 / accumulation steps).
         ``backward_fn`` runs each backward instead of ``loss.backward()`` (e.g.
         ``accelerator.backward``: called twice in order memory, once in order fused).
-        ``grad_norms=True`` measures each branch's gradient norm; under DDP on the gradients
+        ``no_sync``: the context without gradient communication, for a wrapper this object does
+        not hold (default: the model's own DDP ``no_sync`` / FSDP2 switch; Lightning:
+        ``trainer.strategy.block_backward_sync``). ``grad_norms=True`` measures each branch's gradient norm; under DDP on the gradients
         averaged over processes (one more all-reduce on those steps).
         """
         loss_scale = check_loss_scale(loss_scale)
@@ -390,7 +393,7 @@ class MaskSub:
         fsdp = hasattr(model, "set_requires_gradient_sync")
         norms = _GradNorms(model, scaler, sync) if grad_norms else None
         kw = dict(order=self.order, weights=(self.main_weight, self.sub_weight), loss_scale=loss_scale,
-                  backward=bw, no_sync=lambda: ddp_no_sync(model), sync=sync,
+                  backward=bw, no_sync=no_sync or (lambda: ddp_no_sync(model)), sync=sync,
                   # FSDP2 keeps an unsynced gradient inside, out of ``.grad``: a step that measures
                   # the main branch's gradient norm syncs it (one extra reduce-scatter on those steps)
                   sync_main=fsdp and (grad_norms or self.sync_main),

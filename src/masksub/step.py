@@ -257,6 +257,10 @@ def _restore_grads_on_error(params: list[nn.Parameter]) -> Iterator[None]:
         raise
 
 
+# families whose sub-branch takes whatever input the model takes (no image masking)
+_ANY_INPUT_FAMILIES = ("text", "dropout", "droppath", "custom")
+
+
 class MaskSub:
     """Add a masked sub-branch to any supervised step.
 
@@ -349,6 +353,24 @@ class MaskSub:
             return self.forward_fn(self.model, x)
 
     def validate(self, x: Any) -> None:
+        """Checks on the batch and the model before any forward: a clear error, not a raw one
+        from deep inside (or a NaN loss returned silently)."""
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise MaskSubError(f"every parameter of {type(unwrap(self.model)).__name__} is frozen "
+                               "(requires_grad=False): there is nothing to train; unfreeze the layers to train "
+                               "(e.g. the head) before the step")
+        if isinstance(x, (list, tuple)) and self.forward_fn is default_forward:
+            raise MaskSubError(f"x is a {type(x).__name__} of {len(x)} items; MaskSub takes one batch: a tensor "
+                               "(torch.stack the samples) or a dict of tensors, or pass forward_fn=fn(model, x)")
+        first = x if isinstance(x, Tensor) else next(
+            (v for v in x.values() if isinstance(v, Tensor)), None) if isinstance(x, Mapping) else None
+        if first is not None and first.ndim > 0 and first.shape[0] == 0:
+            raise MaskSubError(f"the batch is empty (shape {tuple(first.shape)}): its mean loss would be NaN; "
+                               "skip empty batches (e.g. DataLoader(drop_last=True))")
+        if (isinstance(x, Tensor) and x.ndim != 4 and self.branch is not None
+                and self.branch.name not in _ANY_INPUT_FAMILIES):
+            raise MaskSubError(f"the {self.branch.name!r} sub-branch masks image batches (N, C, H, W), got shape "
+                               f"{tuple(x.shape)}" + ("; a single image? use x.unsqueeze(0)" if x.ndim == 3 else ""))
         if self.branch is not None:
             self.branch.validate(unwrap(self.model), x)
 

@@ -29,6 +29,7 @@ import torch
 
 from ..errors import MaskSubError
 from ..step import ORDERS, resolve_amp_dtype
+from .files import check_utf8
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 IMG_KEYS = ("filepath", "image", "path", "image_path", "file")
@@ -74,12 +75,14 @@ def read_pairs(source: str, img_key: str | None = None, caption_key: str | None 
         for img in sorted(src.iterdir()):
             txt = img.with_suffix(".txt")
             if img.suffix.lower() in IMAGE_SUFFIXES and txt.is_file():
+                check_utf8(txt)
                 pairs.append((img, txt.read_text(encoding="utf-8").strip()))
         if not pairs:
             raise MaskSubError(f"{source} holds no image + .txt pairs (NAME.jpg with NAME.txt)")
         return pairs
     if not src.is_file():
         raise MaskSubError(f"--data {source} is neither a file nor a folder")
+    check_utf8(src)
     with open(src, newline="", encoding="utf-8") as f:
         sample = f.read(4096)
         f.seek(0)
@@ -93,7 +96,13 @@ def read_pairs(source: str, img_key: str | None = None, caption_key: str | None 
                 f"{source}: need an image column ({'/'.join(IMG_KEYS)}) and a caption column "
                 f"({'/'.join(CAPTION_KEYS)}), or --img-key/--caption-key; the header is {cols}"
             )
-        pairs = [(src.parent / row[ik], row[ck]) for row in reader]
+        pairs = []
+        for row in reader:
+            if not row.get(ck) or not row.get(ik):
+                what = "caption" if row.get(ik) else "image path"
+                raise MaskSubError(f"{source}, line {reader.line_num}: no {what} (column {ck if row.get(ik) else ik!r}); "
+                                   "every row needs an image path and a caption")
+            pairs.append((src.parent / row[ik], row[ck]))
     missing = [str(p) for p, _ in pairs if not p.is_file()]
     if missing:
         raise MaskSubError(f"{len(missing)} image(s) listed in {source} do not exist, e.g. {missing[0]}")

@@ -22,6 +22,7 @@ from typing import Any
 from ..branches import MODES
 from ..errors import MaskSubError
 from . import glue_metrics
+from .files import check_utf8
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,9 @@ def load_data(task: str, data_dir: str | None, hub_dataset: str = "glue") -> Any
         missing.insert(0, "train.*")
     if missing:
         raise MaskSubError(f"{data_dir} has no {' or '.join(missing)} file; give {', '.join('NAME' + s for s in SUFFIXES)}")
+    for f in files.values():
+        if f.suffix != ".parquet":
+            check_utf8(f)
     kinds = {SUFFIXES[f.suffix] for f in files.values()}
     if len(kinds) != 1:
         raise MaskSubError(f"train and evaluation files must have the same format, got {[f.name for f in files.values()]}")

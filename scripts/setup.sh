@@ -3,7 +3,7 @@
 # Safe to re-run: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extra="train,timm,hf,clip"
+extra="train,timm,hf,clip,lightning"
 [ "${1:-}" = "dev" ] && extra="$extra,dev"
 
 # Fashion-MNIST from Debian's archive (the quick-start data set, read offline).

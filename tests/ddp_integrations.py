@@ -86,7 +86,7 @@ def clip_runs(out: dict) -> None:
     g = torch.Generator().manual_seed(100 + rank)  # each rank its own data
     images, texts = torch.randn(4, 3, 32, 32, generator=g), torch.randint(1, 64, (4, 12), generator=g)
     for name, kw, unused in (("plain", {"mode": "none"}, False), ("plain_unused", {"mode": "none"}, True),
-                             ("fused", {}, False),
+                             ("fused", {"order": "fused"}, False),
                              ("memory", {"order": "memory"}, False),
                              ("detached", {"text": "detached"}, True)):
         torch.manual_seed(0)

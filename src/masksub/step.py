@@ -23,8 +23,6 @@ from .branches import Family, build_branch, resolve_ratio, unwrap
 from .errors import MaskSubError
 from .loss import KINDS, relaxed_loss
 
-ORDERS = ("memory", "fused")
-
 
 @dataclass
 class StepOutput:
@@ -109,9 +107,13 @@ def _norm_of_diff(params: list[nn.Parameter], before: list[Tensor | None], scale
     return norm / scale
 
 
-# amp_dtype: the common spellings, so a config string works the same as a torch dtype
-_AMP_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-              "float16": torch.float16, "half": torch.float16, "none": None, "fp32": None, "float32": None}
+ORDERS = ("memory", "fused")
+
+#: AMP names: the common spellings of an autocast dtype, so a config string, a CLI choice and a
+#: torch dtype mean the same everywhere ("none", "fp32": no autocast).
+AMP_DTYPES: dict[str, torch.dtype | None] = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+    "half": torch.float16, "none": None, "fp32": None, "float32": None}
 
 
 def resolve_amp_dtype(value: Any) -> torch.dtype | None:
@@ -119,10 +121,16 @@ def resolve_amp_dtype(value: Any) -> torch.dtype | None:
     not at the first step."""
     if value is None or value in (torch.bfloat16, torch.float16):
         return value
-    if isinstance(value, str) and value.lower() in _AMP_NAMES:
-        return _AMP_NAMES[value.lower()]
+    if isinstance(value, str) and value.lower() in AMP_DTYPES:
+        return AMP_DTYPES[value.lower()]
     raise MaskSubError(f"amp_dtype must be torch.bfloat16, torch.float16, None or one of "
-                       f"{', '.join(_AMP_NAMES)}, got {value!r}")
+                       f"{', '.join(AMP_DTYPES)}, got {value!r}")
+
+
+def check_order(order: Any) -> str:
+    if order not in ORDERS:
+        raise MaskSubError(f"order must be one of {ORDERS}, got {order!r}")
+    return order
 
 
 def check_loss_scale(loss_scale: Any) -> float:
@@ -131,6 +139,104 @@ def check_loss_scale(loss_scale: Any) -> float:
     if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)) or not 0 < loss_scale < math.inf:
         raise MaskSubError(f"loss_scale must be a finite number > 0 (e.g. 1 / accumulation steps), got {loss_scale!r}")
     return float(loss_scale)
+
+
+def check_weights(main_weight: Any, sub_weight: Any) -> tuple[float, float]:
+    for name, w in (("main_weight", main_weight), ("sub_weight", sub_weight)):
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < math.inf:
+            raise MaskSubError(f"{name} must be a non-negative number, got {w!r}")
+    return float(main_weight), float(sub_weight)
+
+
+def plain_backward(scaler: torch.amp.GradScaler | None = None) -> Callable[[Tensor], None]:
+    """``loss.backward()``, through the GradScaler when one is given."""
+    if scaler is None:
+        return lambda loss: loss.backward()
+    return lambda loss: scaler.scale(loss).backward()
+
+
+@dataclass
+class BranchLosses:
+    """What :func:`two_branch_step` produced. ``loss_main`` / ``loss_sub`` are detached and before
+    the weights; ``pending`` is the weighted loss whose backward the caller still has to run
+    (``backward=None`` or ``run_last=False``), else None."""
+
+    loss_main: Tensor
+    loss_sub: Tensor | None
+    target: Any
+    pending: Tensor | None = None
+
+
+def two_branch_step(main: Callable[[], tuple[Tensor, Any]],
+                    sub: Callable[[Any], Tensor | tuple[Tensor, Tensor]] | None, *,
+                    order: str = "memory", weights: tuple[float, float] = (0.5, 0.5),
+                    loss_scale: float = 1.0, backward: Callable[[Tensor], None] | None = None,
+                    run_last: bool = True,
+                    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+                    sync: bool = True, sync_main: bool = False,
+                    after_main: Callable[[], None] | None = None) -> BranchLosses:
+    """The MaskSub step every loop shares (``MaskSub``, the CLIP step, the Trainer, Lightning).
+
+    ``main()`` runs the main forward and returns ``(loss_main, target)``, the target detached;
+    ``sub(target)`` runs the sub forward and returns ``loss_sub`` (or ``(loss_sub, extra)``,
+    ``extra`` added unweighted to the sub backward's loss). ``sub=None``: a plain step.
+    ``backward(loss)``: ``loss.backward()``, a GradScaler's, ``accelerator.backward``,
+    Lightning's ``manual_backward``; None (fused order only) returns the weighted loss in
+    ``pending`` for a framework that runs the backward itself, as does ``run_last=False``
+    (the memory order then runs the main backward and leaves the sub one).
+    ``no_sync()``: a context without gradient communication (DDP ``no_sync``, FSDP2
+    ``set_requires_gradient_sync(False)``). The main forward runs in it (DDP arms its all-reduce at
+    forward time), and in order ``memory`` so does the main backward unless ``sync_main``: one
+    all-reduce per step. ``sync=False`` keeps everything in it (accumulation, not the last
+    micro-batch). ``after_main()`` runs between the two backward passes (order memory).
+    """
+    check_order(order)
+    loss_scale = check_loss_scale(loss_scale)
+    if backward is None:
+        run_last = False
+        if order == "memory" and sub is not None:
+            raise MaskSubError("order='memory' runs the main backward before the sub forward: pass "
+                               "backward=..., or use order='fused' to get the summed loss back")
+    quiet = no_sync or contextlib.nullcontext
+    last_ctx = quiet if not sync else contextlib.nullcontext
+
+    if sub is None:  # plain step
+        with last_ctx():
+            loss_main, target = main()
+            pending = loss_main * loss_scale
+            if run_last:
+                backward(pending)
+        return BranchLosses(loss_main.detach(), None, target, None if run_last else pending)
+
+    wm, ws = weights[0] * loss_scale, weights[1] * loss_scale
+    if order == "memory":
+        with (contextlib.nullcontext() if sync_main else quiet()):
+            loss_main, target = main()
+            backward(loss_main * wm)
+        if after_main is not None:
+            after_main()
+        with last_ctx():
+            loss_sub, extra = _split(sub(target))
+            pending = loss_sub * ws + extra if extra is not None else loss_sub * ws
+            if run_last:
+                backward(pending)
+        pending = None if run_last else pending
+    else:
+        with quiet():
+            loss_main, target = main()
+        with last_ctx():
+            loss_sub, extra = _split(sub(target))
+            pending = loss_main * wm + loss_sub * ws
+            if extra is not None:
+                pending = pending + extra
+            if run_last:
+                backward(pending)
+                pending = None
+    return BranchLosses(loss_main.detach(), loss_sub.detach(), target, pending)
+
+
+def _split(res: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
+    return (res[0], res[1]) if isinstance(res, tuple) else (res, None)
 
 
 @contextlib.contextmanager
@@ -149,6 +255,10 @@ def _restore_grads_on_error(params: list[nn.Parameter]) -> Iterator[None]:
             raise MaskSubError(f"{e} (the main branch's gradient of this step was already added to the "
                                "gradients accumulated before it: zero_grad() before retrying)") from None
         raise
+
+
+# families whose sub-branch takes whatever input the model takes (no image masking)
+_ANY_INPUT_FAMILIES = ("text", "dropout", "droppath", "custom")
 
 
 class MaskSub:
@@ -176,19 +286,14 @@ class MaskSub:
                  amp_dtype: torch.dtype | None = None, **family_options: Any) -> None:
         if not isinstance(model, nn.Module):
             raise MaskSubError(f"MaskSub takes an nn.Module, got {type(model).__name__}")
-        if order not in ORDERS:
-            raise MaskSubError(f"order must be one of {ORDERS}, got {order!r}")
+        check_order(order)
         if kind not in KINDS:
             raise MaskSubError(f"kind must be one of {KINDS}, got {kind!r} (sigmoid for BCE recipes)")
-        for name, w in (("main_weight", main_weight), ("sub_weight", sub_weight)):
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < math.inf:
-                raise MaskSubError(f"{name} must be a non-negative number, got {w!r}")
+        self.main_weight, self.sub_weight = check_weights(main_weight, sub_weight)
         self.model = model
         self.mode = None if mode in (None, "none") else mode
         self.order = order
         self.kind = kind
-        self.main_weight = float(main_weight)
-        self.sub_weight = float(sub_weight)
         self.forward_fn = forward_fn or default_forward
         self.amp_dtype = resolve_amp_dtype(amp_dtype)
         self.branch: Family | None = None
@@ -248,79 +353,175 @@ class MaskSub:
             return self.forward_fn(self.model, x)
 
     def validate(self, x: Any) -> None:
+        """Checks on the batch and the model before any forward: a clear error, not a raw one
+        from deep inside (or a NaN loss returned silently)."""
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise MaskSubError(f"every parameter of {type(unwrap(self.model)).__name__} is frozen "
+                               "(requires_grad=False): there is nothing to train; unfreeze the layers to train "
+                               "(e.g. the head) before the step")
+        if isinstance(x, (list, tuple)) and self.forward_fn is default_forward:
+            raise MaskSubError(f"x is a {type(x).__name__} of {len(x)} items; MaskSub takes one batch: a tensor "
+                               "(torch.stack the samples) or a dict of tensors, or pass forward_fn=fn(model, x)")
+        first = x if isinstance(x, Tensor) else next(
+            (v for v in x.values() if isinstance(v, Tensor)), None) if isinstance(x, Mapping) else None
+        if first is not None and first.ndim > 0 and first.shape[0] == 0:
+            raise MaskSubError(f"the batch is empty (shape {tuple(first.shape)}): its mean loss would be NaN; "
+                               "skip empty batches (e.g. DataLoader(drop_last=True))")
+        if (isinstance(x, Tensor) and x.ndim != 4 and self.branch is not None
+                and self.branch.name not in _ANY_INPUT_FAMILIES):
+            raise MaskSubError(f"the {self.branch.name!r} sub-branch masks image batches (N, C, H, W), got shape "
+                               f"{tuple(x.shape)}" + ("; a single image? use x.unsqueeze(0)" if x.ndim == 3 else ""))
         if self.branch is not None:
             self.branch.validate(unwrap(self.model), x)
 
     # -- the step ---------------------------------------------------------------------------
     def backward(self, x: Any, y: Any, criterion: Callable[[Tensor, Any], Tensor], *,
                  scaler: torch.amp.GradScaler | None = None, grad_norms: bool = False,
-                 sync: bool = True, loss_scale: float = 1.0) -> StepOutput:
+                 sync: bool = True, loss_scale: float = 1.0,
+                 backward_fn: Callable[[Tensor], None] | None = None,
+                 no_sync: Callable[[], contextlib.AbstractContextManager] | None = None) -> StepOutput:
         """Main and sub forward + backward; the gradients of both losses end summed in ``.grad``.
 
         ``sync=False`` keeps DDP from all-reducing (gradient accumulation, not the last
         micro-batch); ``loss_scale`` multiplies both losses (e.g. 1 / accumulation steps).
+        ``backward_fn`` runs each backward instead of ``loss.backward()`` (e.g.
+        ``accelerator.backward``: called twice in order memory, once in order fused).
+        ``no_sync``: the context without gradient communication, for a wrapper this object does
+        not hold (default: the model's own DDP ``no_sync`` / FSDP2 switch; Lightning:
+        ``trainer.strategy.block_backward_sync``). ``grad_norms=True`` measures each branch's gradient norm; under DDP on the gradients
+        averaged over processes (one more all-reduce on those steps).
         """
         loss_scale = check_loss_scale(loss_scale)
+        if backward_fn is not None and scaler is not None:
+            raise MaskSubError("pass scaler or backward_fn, not both (backward_fn scales the loss itself)")
         self.validate(x)  # shape checks only, every step: a bad batch fails before any work
         model = self.model
-        scale = float(scaler.get_scale()) if (grad_norms and scaler is not None and scaler.is_enabled()) else 1.0
-        params = [p for p in model.parameters() if p.requires_grad] if grad_norms else []
+        if grad_norms and self.branch is not None and self.order != "memory":
+            raise MaskSubError("grad_norms=True needs order='memory' (the fused order has one backward)")
+        bw = backward_fn if backward_fn is not None else plain_backward(scaler)
+        ms: dict[str, Any] = {}
 
-        def _bw(loss: Tensor) -> None:
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+        def main() -> tuple[Tensor, Tensor]:
+            logits = self.forward_main(x)
+            loss = self._main_loss(criterion, logits, y)
+            ms["main"] = logits
+            return loss, logits.detach()
 
-        def _main_loss(logits: Tensor) -> Tensor:
-            loss = criterion(logits, y)
-            if not isinstance(loss, Tensor) or loss.ndim != 0:
-                shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-                raise MaskSubError(
-                    f"the criterion must return a scalar loss, got {shape}; use reduction='mean'"
-                )
-            return loss
+        def sub(target: Tensor) -> Tensor:
+            logits = self.forward_sub(x)
+            ms["sub"] = logits
+            return relaxed_loss(logits, target, self.kind)
 
-        if self.branch is None:  # plain step
-            with ddp_no_sync(model, not sync):
-                main = self.forward_main(x)
-                loss_main = _main_loss(main)
-                before = _grads(params) if grad_norms else None
-                _bw(loss_main * loss_scale)
-            out = StepOutput(main.detach(), loss_main.detach(), loss=loss_main.detach())
-            if grad_norms:
-                out.grad_norm_main = _norm_of_diff(params, before, scale)
+        fsdp = hasattr(model, "set_requires_gradient_sync")
+        norms = _GradNorms(model, scaler, sync) if grad_norms else None
+        kw = dict(order=self.order, weights=(self.main_weight, self.sub_weight), loss_scale=loss_scale,
+                  backward=bw, no_sync=no_sync or (lambda: ddp_no_sync(model)), sync=sync,
+                  # FSDP2 keeps an unsynced gradient inside, out of ``.grad``: a step that measures
+                  # the main branch's gradient norm syncs it (one extra reduce-scatter on those steps)
+                  sync_main=fsdp and (grad_norms or self.sync_main),
+                  after_main=norms.after_main if norms else None)
+        if self.branch is None:
+            res = two_branch_step(main, None, **kw)
+            out = StepOutput(ms["main"].detach(), res.loss_main, loss=res.loss_main)
+            if norms:
+                out.grad_norm_main = norms.after_main()
             return out
-
-        wm, ws = self.main_weight * loss_scale, self.sub_weight * loss_scale
-        if self.order == "memory":
-            # FSDP2 keeps an unsynced gradient inside, out of ``.grad``: a step that measures the
-            # main branch's gradient norm syncs it (one extra reduce-scatter, on those steps only)
-            fsdp = hasattr(model, "set_requires_gradient_sync")
-            with _restore_grads_on_error([p for p in model.parameters() if p.requires_grad]):
-                with ddp_no_sync(model, not (fsdp and (grad_norms or self.sync_main))):
-                    main = self.forward_main(x)
-                    loss_main = _main_loss(main)
-                    before = _grads(params) if grad_norms else None
-                    _bw(loss_main * wm)
-                main = main.detach()
-                if grad_norms:  # the main part now, before the sub backward adds to .grad
-                    norm_main = _norm_of_diff(params, before, scale)
-                    mid = _grads(params)
-                with ddp_no_sync(model, not sync):
-                    sub = self.forward_sub(x)
-                    loss_sub = relaxed_loss(sub, main, self.kind)
-                    _bw(loss_sub * ws)
-            out = StepOutput(main, loss_main.detach(), loss_sub.detach(), sub.detach())
-            if grad_norms:
-                out.grad_norm_main = norm_main
-                out.grad_norm_sub = _norm_of_diff(params, mid, scale)
-        else:
-            if grad_norms:
-                raise MaskSubError("grad_norms=True needs order='memory' (the fused order has one backward)")
-            with ddp_no_sync(model, not sync):
-                main = self.forward_main(x)
-                loss_main = _main_loss(main)
-                sub = self.forward_sub(x)
-                loss_sub = relaxed_loss(sub, main, self.kind)
-                _bw(loss_main * wm + loss_sub * ws)
-            out = StepOutput(main.detach(), loss_main.detach(), loss_sub.detach(), sub.detach())
+        guard = (_restore_grads_on_error([p for p in model.parameters() if p.requires_grad])
+                 if self.order == "memory" else contextlib.nullcontext())
+        with guard:
+            res = two_branch_step(main, sub, **kw)
+        out = StepOutput(res.target, res.loss_main, res.loss_sub, ms["sub"].detach())
+        if norms:
+            out.grad_norm_main, out.grad_norm_sub = norms.main, norms.after_sub()
         out.loss = out.loss_main * self.main_weight + out.loss_sub * self.sub_weight
         return out
+
+    def loss(self, x: Any, y: Any, criterion: Callable[[Tensor, Any], Tensor]) -> Tensor:
+        """The weighted loss of both branches (order fused), with its graph: for a loop whose
+        framework runs the backward itself (Lightning's automatic optimization, a trainer's
+        ``compute_loss``). The branch losses of this call are in ``self.last``."""
+        self.validate(x)
+        ms: dict[str, Any] = {}
+
+        def main() -> tuple[Tensor, Tensor]:
+            logits = self.forward_main(x)
+            return self._main_loss(criterion, logits, y), logits.detach()
+
+        def sub(target: Tensor) -> Tensor:
+            logits = self.forward_sub(x)
+            ms["sub"] = logits.detach()
+            return relaxed_loss(logits, target, self.kind)
+
+        res = two_branch_step(main, sub if self.branch is not None else None, order="fused",
+                              weights=(self.main_weight, self.sub_weight), backward=None,
+                              no_sync=lambda: ddp_no_sync(self.model))
+        self.last = StepOutput(res.target, res.loss_main, res.loss_sub, ms.get("sub"))
+        self.last.loss = res.pending.detach()
+        return res.pending
+
+    @staticmethod
+    def _main_loss(criterion: Callable[[Tensor, Any], Tensor], logits: Tensor, y: Any) -> Tensor:
+        loss = criterion(logits, y)
+        if not isinstance(loss, Tensor) or loss.ndim != 0:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise MaskSubError(f"the criterion must return a scalar loss, got {shape}; use reduction='mean'")
+        return loss
+
+
+class _GradNorms:
+    """Each branch's gradient norm, read from what its backward added to ``.grad``. Under DDP the
+    main backward runs in ``no_sync`` (local gradients) and the sub one all-reduces the sum, so
+    the local parts are averaged over the processes here (one all-reduce of a copy) and the
+    norms are those of the synchronized gradients, as one process on the whole batch sees."""
+
+    def __init__(self, model: nn.Module, scaler: torch.amp.GradScaler | None, sync: bool) -> None:
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        self.sync = sync
+        self.group = None
+        if (hasattr(model, "no_sync") and hasattr(model, "require_backward_grad_sync")
+                and torch.distributed.is_available() and torch.distributed.is_initialized()):
+            self.group = getattr(model, "process_group", None) or torch.distributed.group.WORLD
+        self.before = _grads(self.params)
+        self.main: Tensor | None = None
+
+    def _mean(self, tensors: list[Tensor]) -> list[Tensor]:
+        if self.group is None or not tensors:
+            return tensors
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        torch.distributed.all_reduce(flat, group=self.group)
+        flat /= torch.distributed.get_world_size(self.group)
+        return [piece.view_as(t) for piece, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)]
+
+    def _norm(self, tensors: list[Tensor]) -> Tensor:
+        norm = torch.nn.utils.get_total_norm(tensors)
+        if hasattr(norm, "full_tensor"):  # FSDP2: sharded gradients, the norm of the whole
+            norm = norm.full_tensor()
+        return norm / self.scale
+
+    def after_main(self) -> Tensor:
+        if self.group is None:
+            self.main = _norm_of_diff(self.params, self.before, self.scale)
+            self.mid = _grads(self.params)
+            return self.main
+        # what this main backward added, and what was there before it, averaged over ranks
+        have = [i for i, p in enumerate(self.params) if p.grad is not None]
+        zero = torch.zeros(())
+        added = [self.params[i].grad.detach() - (self.before[i] if self.before[i] is not None else zero)
+                 for i in have]
+        was = [self.before[i] if self.before[i] is not None else torch.zeros_like(self.params[i].grad)
+               for i in have]
+        avg = self._mean(added + was)
+        self.main = self._norm(avg[:len(have)])
+        self.mid = [None] * len(self.params)
+        for k, i in enumerate(have):
+            # after a synced sub backward .grad holds mean(before + main + sub)
+            self.mid[i] = (avg[k] + avg[len(have) + k]) if self.sync else self.params[i].grad.detach().clone()
+        return self.main
+
+    def after_sub(self) -> Tensor:
+        added = [p.grad.detach() if m is None else p.grad.detach() - m
+                 for p, m in zip(self.params, self.mid, strict=True) if p.grad is not None]
+        if self.group is not None and not self.sync:
+            added = self._mean(added)
+        return self._norm(added)

@@ -28,7 +28,7 @@ import torch
 
 from ..branches.base import MODES
 from ..errors import MaskSubError, check_ratio
-from ..step import ORDERS
+from ..step import ORDERS, resolve_amp_dtype
 from .flops import count_flops, device_name, mfu, peak_tflops
 from .steps import (
     GPU_MODELS,
@@ -41,7 +41,7 @@ from .steps import (
     make_step,
 )
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+DTYPES = ("bf16", "fp16", "fp32")  # autocast names, resolved by the core (masksub.step.AMP_DTYPES)
 
 # The paper's claim on cost (Heo et al., CVPR 2025): with MAE-style token removal, "MaskSub with
 # 50% masking requires x1.5 computation to standard training" (Sec. 3.1); where the sub forward
@@ -117,7 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drop-path", type=float, default=0.1, help="model drop-path rate (default 0.1)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (GPU 30, CPU 3)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (GPU 8, CPU 1)")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="autocast dtype (GPU bf16, CPU fp32)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="autocast dtype (GPU bf16, CPU fp32)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there is one)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="peak FLOP/s for MFU when the GPU is not in masksub.bench.flops.PEAK_BF16_TFLOPS")
@@ -497,7 +497,7 @@ def main(args: argparse.Namespace) -> int:
         check_ratio(args.ratio, "--ratio", allow_zero=False)
     check_ratio(args.drop_path, "--drop-path")
     dtype_name = args.dtype or ("bf16" if gpu else "fp32")
-    amp = DTYPES[dtype_name]
+    amp = resolve_amp_dtype(dtype_name)
     custom = any(v is not None for v in (args.modes, args.orders, args.variants, args.compile))
     models = args.models or list(GPU_MODELS if gpu else TINY_MODELS)
     plan = grid_plan(args, models) if (custom or args.models) else default_plan(tuple(models), gpu)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,10 +32,18 @@ from ..branches import resolve_ratio, unwrap
 from ..branches.vit import OpenClipTokenRemoval, ViTTokenRemoval
 from ..errors import MaskSubError
 from ..loss import relaxed_loss
-from ..step import ddp_no_sync, model_autocast
+from ..step import (
+    ORDERS,
+    check_order,
+    check_weights,
+    ddp_no_sync,
+    model_autocast,
+    plain_backward,
+    resolve_amp_dtype,
+    two_branch_step,
+)
 
 TEXT_MODES = ("shared", "detached")
-ORDERS = ("fused", "memory")
 
 
 @contextlib.contextmanager
@@ -101,15 +109,15 @@ class ClipMaskSub:
 
     def __init__(self, model: nn.Module, mode: str | None = "mask", ratio: float | None = None, *,
                  text: str = "shared", loss: nn.Module | None = None, main_weight: float = 0.5,
-                 sub_weight: float = 0.5, amp_dtype: torch.dtype | None = None, order: str = "fused") -> None:
+                 sub_weight: float = 0.5, amp_dtype: torch.dtype | str | None = None,
+                 order: str = "memory") -> None:
         import open_clip
 
         if mode not in (None, "none", "mask"):
             raise MaskSubError(f"the CLIP step supports mode 'mask' or 'none', got {mode!r}")
         if text not in TEXT_MODES:
             raise MaskSubError(f"text must be one of {TEXT_MODES}, got {text!r}")
-        if order not in ORDERS:
-            raise MaskSubError(f"order must be one of {ORDERS}, got {order!r}")
+        check_order(order)
         if text == "detached" and hasattr(model, "no_sync") and not getattr(model, "find_unused_parameters", True):
             raise MaskSubError(
                 "text='detached' leaves the text tower out of the sub-branch's backward, which DDP built with "
@@ -129,8 +137,8 @@ class ClipMaskSub:
             raise MaskSubError("mode='none' has no sub-branch: drop ratio or set mode='mask'")
         self.text = text
         self.order = order
-        self.main_weight, self.sub_weight = float(main_weight), float(sub_weight)
-        self.amp_dtype = amp_dtype
+        self.main_weight, self.sub_weight = check_weights(main_weight, sub_weight)
+        self.amp_dtype = resolve_amp_dtype(amp_dtype)
         self._check_tower()
 
     def _check_tower(self) -> None:
@@ -154,54 +162,72 @@ class ClipMaskSub:
         return (relaxed_loss(sub[0], main[0]) + relaxed_loss(sub[1], main[1])) / 2
 
     def backward(self, images: Tensor, texts: Tensor, *, scaler: torch.amp.GradScaler | None = None,
-                 sync: bool = True, loss_scale: float = 1.0) -> ClipStepOutput:
+                 sync: bool = True, loss_scale: float = 1.0,
+                 backward_fn: Callable[[Tensor], None] | None = None) -> ClipStepOutput:
         """Main and sub forward + backward; the gradients of both losses end summed in ``.grad``.
 
         Under DDP only the sub forward runs outside ``no_sync()`` (DDP arms its all-reduce at
         forward time), so the gradients are all-reduced once per step, as in a plain CLIP step;
-        ``sync=False`` keeps that one off too (gradient accumulation).
+        ``sync=False`` keeps that one off too (gradient accumulation). ``backward_fn`` runs each
+        backward instead of ``loss.backward()`` (e.g. ``accelerator.backward``).
         """
+        if backward_fn is not None and scaler is not None:
+            raise MaskSubError("pass scaler or backward_fn, not both (backward_fn scales the loss itself)")
         model = self.model
+        # order memory (or detached text): the main backward runs first, freeing the image tower
+        order = "memory" if (self.order == "memory" or self.text == "detached") else "fused"
+        leaf = self.mode is not None and order == "memory" and self.text == "shared"
+        held: dict[str, Any] = {}
 
-        def scaled(loss: Tensor) -> Tensor:
-            return scaler.scale(loss) if scaler is not None else loss
-
-        if self.mode is None:
-            with ddp_no_sync(model, not sync), self._autocast():
-                img, txt, scale, bias = clip_features(model, images, texts)
-                main = self.logits(img, txt, scale, bias)
-                loss_main = self.contrastive(*main)
-            scaled(loss_main * loss_scale).backward()
-            lm = loss_main.detach()
-            return ClipStepOutput(lm, None, lm, main[0].detach())
-        wm, ws = self.main_weight * loss_scale, self.sub_weight * loss_scale
-        split = self.order == "memory" or self.text == "detached"
-        with ddp_no_sync(model):
+        def main() -> tuple[Tensor, tuple[Tensor, Tensor]]:
             with self._autocast():
                 img, txt, scale, bias = clip_features(model, images, texts)
-                # memory order: the text features become a leaf, so the main backward frees the
-                # image tower's graph and leaves the text tower's for the one backward at the end
-                leaf = split and self.text == "shared"
-                txt_main = txt.detach().requires_grad_() if leaf else txt
-                main = self.logits(img, txt_main, scale, bias)
+                # memory order, shared text: the main loss sees the text features as a leaf, so its
+                # backward frees the image tower's graph and keeps the text tower's for the last one
+                held["txt"], held["txt_main"] = txt, (txt.detach().requires_grad_() if leaf else txt)
+                main = self.logits(img, held["txt_main"], scale, bias)
                 loss_main = self.contrastive(*main)
-            main_d = (main[0].detach(), main[1].detach())
-            if split:
-                scaled(loss_main * wm).backward()
-                del img, main
-        with ddp_no_sync(model, not sync):
+            return loss_main, (main[0].detach(), main[1].detach())
+
+        def sub(target: tuple[Tensor, Tensor]) -> Tensor | tuple[Tensor, Tensor]:
+            txt = held.pop("txt")
             with self._autocast(), masked_image_tower(model, self.ratio):
                 img_s, _, scale_s, bias_s = clip_features(model, images, None)
                 sub = self.logits(img_s, txt.detach() if self.text == "detached" else txt, scale_s, bias_s)
-            loss_sub = self.relaxed(sub, main_d)
-            if not split:  # fused: one backward of the weighted sum
-                scaled(loss_main * wm + loss_sub * ws).backward()
-            elif self.text == "shared":  # one backward: sub-branch + text tower (both branches' gradient)
-                torch.autograd.backward([scaled(loss_sub * ws), txt], [None, txt_main.grad])
-            else:
-                scaled(loss_sub * ws).backward()
-        lm, ls = loss_main.detach(), loss_sub.detach()
-        return ClipStepOutput(lm, ls, lm * self.main_weight + ls * self.sub_weight, main_d[0])
+            loss_sub = self.relaxed(sub, target)
+            if leaf:  # the text tower's backward also carries the main loss's gradient
+                return loss_sub, _inject_grad(txt, held.pop("txt_main").grad)
+            return loss_sub
+
+        res = two_branch_step(main, sub if self.mode is not None else None, order=order,
+                              weights=(self.main_weight, self.sub_weight), loss_scale=loss_scale,
+                              backward=backward_fn or plain_backward(scaler),
+                              no_sync=lambda: ddp_no_sync(model), sync=sync)
+        lm = res.loss_main
+        if res.loss_sub is None:
+            return ClipStepOutput(lm, None, lm, res.target[0])
+        ls = res.loss_sub
+        return ClipStepOutput(lm, ls, lm * self.main_weight + ls * self.sub_weight, res.target[0])
+
+
+class _InjectGrad(torch.autograd.Function):
+    """A zero whose backward hands ``grad`` to ``x`` whatever the incoming gradient: the main loss's
+    gradient on the shared text features (already scaled by the same backward), added to the
+    sub backward's loss so that the text tower runs backward once, for both branches."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, grad: Tensor) -> Tensor:
+        ctx.save_for_backward(grad)
+        return x.new_zeros(())
+
+    @staticmethod
+    def backward(ctx: Any, _: Tensor) -> tuple[Tensor, None]:
+        (grad,) = ctx.saved_tensors
+        return grad, None
+
+
+def _inject_grad(x: Tensor, grad: Tensor | None) -> Tensor:
+    return x.new_zeros(()) if grad is None else _InjectGrad.apply(x, grad)
 
 
 def clamp_logit_scale(model: nn.Module, max_scale: float = 100.0) -> None:

@@ -19,6 +19,8 @@ import argparse
 import csv
 import json
 import math
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,8 @@ from typing import Any
 import torch
 
 from ..errors import MaskSubError
+from ..step import ORDERS, resolve_amp_dtype
+from .files import check_utf8
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 IMG_KEYS = ("filepath", "image", "path", "image_path", "file")
@@ -46,8 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop after N optimizer steps, checkpointed; --resume continues exactly (0: all epochs)")
     p.add_argument("--grad-accum", type=int, default=1,
                    help="micro-batches per optimizer step (each its own contrastive batch, one all-reduce)")
-    p.add_argument("--order", default="fused", choices=["fused", "memory"],
-                   help="memory: main backward first (text='shared'), lower peak memory, same gradient")
+    p.add_argument("--order", default="memory", choices=ORDERS,
+                   help="memory: main backward first, lower peak memory; fused: one backward; same gradient")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--wd", type=float, default=0.2)
@@ -71,12 +75,14 @@ def read_pairs(source: str, img_key: str | None = None, caption_key: str | None 
         for img in sorted(src.iterdir()):
             txt = img.with_suffix(".txt")
             if img.suffix.lower() in IMAGE_SUFFIXES and txt.is_file():
+                check_utf8(txt)
                 pairs.append((img, txt.read_text(encoding="utf-8").strip()))
         if not pairs:
             raise MaskSubError(f"{source} holds no image + .txt pairs (NAME.jpg with NAME.txt)")
         return pairs
     if not src.is_file():
         raise MaskSubError(f"--data {source} is neither a file nor a folder")
+    check_utf8(src)
     with open(src, newline="", encoding="utf-8") as f:
         sample = f.read(4096)
         f.seek(0)
@@ -90,7 +96,13 @@ def read_pairs(source: str, img_key: str | None = None, caption_key: str | None 
                 f"{source}: need an image column ({'/'.join(IMG_KEYS)}) and a caption column "
                 f"({'/'.join(CAPTION_KEYS)}), or --img-key/--caption-key; the header is {cols}"
             )
-        pairs = [(src.parent / row[ik], row[ck]) for row in reader]
+        pairs = []
+        for row in reader:
+            if not row.get(ck) or not row.get(ik):
+                what = "caption" if row.get(ik) else "image path"
+                raise MaskSubError(f"{source}, line {reader.line_num}: no {what} (column {ck if row.get(ik) else ik!r}); "
+                                   "every row needs an image path and a caption")
+            pairs.append((src.parent / row[ik], row[ck]))
     missing = [str(p) for p, _ in pairs if not p.is_file()]
     if missing:
         raise MaskSubError(f"{len(missing)} image(s) listed in {source} do not exist, e.g. {missing[0]}")
@@ -100,8 +112,15 @@ def read_pairs(source: str, img_key: str | None = None, caption_key: str | None 
 
 
 class PairDataset(torch.utils.data.Dataset):
-    def __init__(self, pairs: list[tuple[Path, str]], transform: Any, tokenizer: Any) -> None:
-        self.pairs, self.transform, self.tokenizer = pairs, transform, tokenizer
+    """Image-text pairs. With a ``seed``, each sample's random augmentation is drawn from its own
+    generator, seeded by (seed, epoch, index): the same in every run, whatever the worker count
+    and wherever a resumed run starts, and the process's own random stream (the sub-branch's
+    masks) is left untouched."""
+
+    def __init__(self, pairs: list[tuple[Path, str]], transform: Any, tokenizer: Any,
+                 seed: int | None = None) -> None:
+        self.pairs, self.transform, self.tokenizer, self.seed = pairs, transform, tokenizer, seed
+        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -111,7 +130,12 @@ class PairDataset(torch.utils.data.Dataset):
 
         path, caption = self.pairs[i]
         with Image.open(path) as im:
-            image = self.transform(im.convert("RGB"))
+            if self.seed is None:
+                image = self.transform(im.convert("RGB"))
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i)
+                    image = self.transform(im.convert("RGB"))
         return image, self.tokenizer([caption])[0]
 
 
@@ -174,7 +198,10 @@ class EpochSampler(torch.utils.data.Sampler[int]):
 
     def _mine(self) -> list[int]:
         perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
-        return perm[self.rank::self.world].tolist()
+        # every rank the same number of pairs (the last n % world dropped, as open_clip_train drops
+        # the uneven tail): each rank's batches, the last one included, have the same size, which
+        # the all-gather of the contrastive loss needs
+        return perm[: self.n - self.n % self.world][self.rank::self.world].tolist()
 
     def __iter__(self):
         return iter(self._mine()[self.start:])
@@ -212,13 +239,12 @@ def main(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace, out: Path, name: str, train_pairs: list, val_pairs: list | None,
            ckpt_path: Path, d: Any, device: torch.device, open_clip: Any, DDP: Any, ClipMaskSub: Any,
            clamp_logit_scale: Any) -> int:
-    from ..train import distributed
 
     torch.manual_seed(args.seed)
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
         name, pretrained=args.pretrained, device=device)
     tokenizer = open_clip.get_tokenizer(name)
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    amp = resolve_amp_dtype(args.precision)
     scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
     # open_clip's own loss; under torchrun it gathers the features of every rank (open_clip_train's default)
     loss = open_clip.ClipLoss(rank=d.rank, world_size=d.world)
@@ -228,9 +254,12 @@ def _train(args: argparse.Namespace, out: Path, name: str, train_pairs: list, va
     sampler = EpochSampler(len(train_pairs), args.seed, d.rank, d.world)
     per_rank = len(train_pairs) // d.world
     drop_last = per_rank >= 2 * args.batch_size
+    train_set = PairDataset(train_pairs, preprocess_train, tokenizer, seed=args.seed)
+    # its own generator: creating an iterator (each epoch, each resume) draws nothing from the
+    # process's random stream, which a checkpoint saves and a resume restores
     train_loader = torch.utils.data.DataLoader(
-        PairDataset(train_pairs, preprocess_train, tokenizer), batch_size=args.batch_size, sampler=sampler,
-        drop_last=drop_last, num_workers=args.workers)
+        train_set, batch_size=args.batch_size, sampler=sampler, drop_last=drop_last, num_workers=args.workers,
+        generator=torch.Generator().manual_seed(args.seed))
     val_loader = None if val_pairs is None else torch.utils.data.DataLoader(
         PairDataset(val_pairs, preprocess_val, tokenizer), batch_size=args.batch_size, num_workers=args.workers)
     opt = torch.optim.AdamW(param_groups(model, args.wd), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
@@ -257,7 +286,7 @@ def _train(args: argparse.Namespace, out: Path, name: str, train_pairs: list, va
         if rng is not None and len(rng) == d.world:
             torch.set_rng_state(rng[d.rank].cpu())
 
-    def save(epoch_done: int) -> None:
+    def save(epoch_done: int, step: int) -> None:
         rngs = [torch.get_rng_state()]
         if d.enabled:
             rngs = [torch.empty_like(rngs[0]) for _ in range(d.world)]
@@ -271,6 +300,31 @@ def _train(args: argparse.Namespace, out: Path, name: str, train_pairs: list, va
 
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
+    stop_signal: list[int] = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if stop_signal and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: stop now
+        stop_signal.append(signum)
+        if d.main:
+            print(f"\nmasksub clip: {signal.Signals(signum).name}: finishing this step, then writing a checkpoint",
+                  file=sys.stderr, flush=True)
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _loop(args, out, d, device, model, net, ms, opt, sched, scaler, sampler, train_set, train_loader,
+                     val_loader, steps_per_epoch, total, per_rank, step, save, stop_signal, clamp_logit_scale)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _loop(args: argparse.Namespace, out: Path, d: Any, device: torch.device, model: Any, net: Any, ms: Any,
+          opt: Any, sched: Any, scaler: Any, sampler: Any, train_set: Any, train_loader: Any, val_loader: Any,
+          steps_per_epoch: int, total: int, per_rank: int, step: int, save: Any, stop_signal: list[int],
+          clamp_logit_scale: Any) -> int:
+    from ..train import distributed
+
     log = open(out / "log.jsonl", "a") if d.main else None
     net.train()
     t0 = time.perf_counter()
@@ -278,8 +332,10 @@ def _train(args: argparse.Namespace, out: Path, name: str, train_pairs: list, va
     while step < min(stop, total):
         epoch, done = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch, done * args.grad_accum * args.batch_size)
+        train_set.epoch = epoch
         sums = torch.zeros(3, device=device)
         micro = []
+        signalled = False
         for images, texts in train_loader:
             micro.append((images, texts))
             if len(micro) < args.grad_accum:
@@ -303,7 +359,8 @@ def _train(args: argparse.Namespace, out: Path, name: str, train_pairs: list, va
             sched.step()
             clamp_logit_scale(model)
             step += 1
-            if step >= stop or step % steps_per_epoch == 0:
+            signalled = distributed.any_flag(bool(stop_signal), d, device)
+            if signalled or step >= stop or step % steps_per_epoch == 0:
                 break
         if float(sums[2]) == 0:
             raise MaskSubError(f"an epoch gave no full optimizer step: {per_rank} pairs per process, batch "
@@ -318,11 +375,19 @@ def _train(args: argparse.Namespace, out: Path, name: str, train_pairs: list, va
             rec["loss_sub"] = float(sums[1]) / n
         if val_loader is not None and d.main:
             rec.update(retrieval_top1(model, val_loader, device))
-        save(epoch_done)
+        save(epoch_done, step)
         if log is not None:
             log.write(json.dumps(rec) + "\n")
             log.flush()
             print(json.dumps(rec), flush=True)
+        if signalled:
+            if log is not None:
+                log.close()
+            sig = stop_signal[0] if stop_signal else signal.SIGTERM
+            if d.main:
+                print(f"masksub clip: stopped by {signal.Signals(sig).name} at step {step}; checkpoint written; "
+                      f"continue with --resume --out {out}", file=sys.stderr, flush=True)
+            return 128 + int(sig)  # the shell's convention: 143 TERM, 130 INT
         if step >= stop:
             break
     if log is not None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 from ..branches import MODES
 from ..errors import MaskSubError
 from . import glue_metrics
+from .files import check_utf8
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-eval-samples", type=int, default=None)
     p.add_argument("--log-every", type=int, default=50, help="log losses every N optimizer steps")
     p.add_argument("--save-model", action="store_true", help="save the finetuned model to OUT/model")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from the last OUT/checkpoint-* (the same command plus --resume)")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is there")
 
 
@@ -128,6 +130,9 @@ def load_data(task: str, data_dir: str | None, hub_dataset: str = "glue") -> Any
         missing.insert(0, "train.*")
     if missing:
         raise MaskSubError(f"{data_dir} has no {' or '.join(missing)} file; give {', '.join('NAME' + s for s in SUFFIXES)}")
+    for f in files.values():
+        if f.suffix != ".parquet":
+            check_utf8(f)
     kinds = {SUFFIXES[f.suffix] for f in files.values()}
     if len(kinds) != 1:
         raise MaskSubError(f"train and evaluation files must have the same format, got {[f.name for f in files.values()]}")
@@ -214,6 +219,13 @@ def metrics_fn(task: str):
     return compute
 
 
+def last_checkpoint(out: Path) -> Path | None:
+    """The Trainer's newest ``checkpoint-STEP`` folder in ``out``, or None."""
+    found = [(int(p.name.split("-")[1]), p) for p in out.glob("checkpoint-*")
+             if p.is_dir() and p.name.split("-")[1].isdigit()]
+    return max(found)[1] if found else None
+
+
 def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers import (
@@ -230,6 +242,12 @@ def main(args: argparse.Namespace) -> int:
     if args.sub == "none" and args.ratio is not None:
         raise MaskSubError("--ratio has no effect with --sub none; drop it or pick --sub mask")
     out = Path(args.out or f"runs/glue-{args.task}-{args.sub}")
+    last = last_checkpoint(out)
+    if args.resume and last is None:
+        raise MaskSubError(f"--resume: {out} holds no checkpoint-* to continue from; run without --resume")
+    if not args.resume and last is not None:
+        raise MaskSubError(f"{out} already holds {last.name} of an earlier run: continue it with --resume, "
+                           "or give another --out")
     ds = load_data(args.task, args.data_dir, args.hub_dataset)
     check_columns(ds, args.task)
     if args.max_train_samples:
@@ -264,7 +282,7 @@ def main(args: argparse.Namespace) -> int:
         processing_class=tok, data_collator=DataCollatorWithPadding(tok),
         compute_metrics=metrics_fn(args.task), masksub_mode=args.sub, masksub_ratio=args.ratio,
     )
-    train_out = trainer.train()
+    train_out = trainer.train(resume_from_checkpoint=str(last) if args.resume else None)
     keep = {f"{name}_{m}" for name in evals for m in spec.metrics} if prefix else set(spec.metrics)
     epochs = [{k.removeprefix("eval_"): v for k, v in h.items() if k.removeprefix("eval_") in keep or k == "epoch"}
               for h in trainer.state.log_history if any(k.startswith("eval_") for k in h) and "epoch" in h]
@@ -279,8 +297,7 @@ def main(args: argparse.Namespace) -> int:
         "log_history": trainer.state.log_history,
     }
     (out / "metrics.json").write_text(json.dumps(result, indent=1))
-    for ck in out.glob("checkpoint-*"):  # the kept model is saved below on request, not as trainer state
-        shutil.rmtree(ck, ignore_errors=True)
+    # the checkpoints stay (the best and the last, save_total_limit=1): a longer run can continue
     if args.save_model:
         trainer.save_model(str(out / "model"))
     shown = ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items())

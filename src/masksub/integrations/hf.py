@@ -37,10 +37,9 @@ from transformers.training_args import OptimizerNames
 from ..branches import MODES, Family, build_branch, resolve_ratio, sub_branch, unwrap
 from ..errors import MaskSubError
 from ..loss import KINDS, relaxed_loss
-from ..step import ddp_no_sync, logits_of
+from ..step import ORDERS, ddp_no_sync, logits_of, two_branch_step
 
 SUB_MODES = ("none", *MODES)
-ORDERS = ("memory", "fused")
 #: The heads whose sub-branch loss MaskSubTrainer knows (class-name suffixes of transformers).
 HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForMultipleChoice", "ForQuestionAnswering")
 IGNORE_INDEX = -100  # transformers' label for positions without a loss (padding, special tokens, sub-words)
@@ -67,11 +66,11 @@ class MaskSubTrainer(Trainer):
     ``masksub_sub_loss``. Labels are the Trainer's ``label_names``.
 
     Logs ``loss`` (the weighted sum that is trained), ``loss_main`` and ``loss_sub``. Model losses
-    are taken as per-micro-batch means and divided by the accumulation steps by the Trainer.
+    are taken as per-micro-batch means and divided by the accumulation steps by the Trainer,
+    unless the Trainer's own rule says the main loss is already scaled for accumulation (a
+    ``compute_loss_func``, which is given ``num_items_in_batch``): then only the sub loss is
+    divided, here.
     """
-
-    # Our losses are per-batch means: let the Trainer divide them by the accumulation steps.
-    loss_is_scaled_for_ga = False
 
     def __init__(self, *args: Any, masksub_mode: str = "mask", masksub_ratio: float | None = None,
                  masksub_weights: tuple[float, float] = (0.5, 0.5),
@@ -162,33 +161,46 @@ class MaskSubTrainer(Trainer):
                 f"branch's loss; missing {missing or 'label_names'} (set TrainingArguments(label_names=[...]) "
                 "when the model's labels are named otherwise)"
             )
-        f = 1.0 / self.current_gradient_accumulation_steps  # what training_step divides by
+        f = 1.0 / self.current_gradient_accumulation_steps
+        # The Trainer's rule (training_step): a loss already scaled for accumulation is not divided
+        # by the accumulation steps; ``d`` is what the Trainer will multiply the returned loss by.
+        scaled = self.loss_is_scaled_for_ga
+        if scaled is None:
+            scaled = bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+                          or self.compute_loss_func is not None)
+        d = 1.0 if scaled else f
         w_main, w_sub = self.masksub_weights
+        # the Trainer pops the labels (label smoothing, compute_loss_func): keep them for the sub loss
+        labels = {k: inputs[k] for k in self.label_names}
         if self.masksub_branch is None:
             loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-            self._accumulate(loss.detach().mean() * f, None)
+            self._accumulate(loss.detach().mean() * d, None)
             return (loss, outputs) if return_outputs else loss
-        # DDP arms its all-reduce at forward time: only the sub forward may arm it.
-        with ddp_no_sync(model):
-            loss_main, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-            if loss_main.ndim:  # DataParallel: one loss per device
-                loss_main = loss_main.mean()
-            if self.masksub_order == "memory":  # free the main graph before the sub forward
-                self.accelerator.backward(loss_main * (w_main * f))
-        main_outputs = _detached(outputs)
-        if not return_outputs:
-            del outputs
-        sub_inputs = {k: v for k, v in inputs.items() if k not in self.label_names}
-        with sub_branch(model, self.masksub_mode, self.masksub_ratio, family=self.masksub_branch):
-            sub_outputs = model(**sub_inputs)
-        loss_sub = self.masksub_sub_loss(sub_outputs, main_outputs, inputs)
-        del sub_outputs
-        self._accumulate(loss_main.detach() * f, loss_sub.detach() * f)
+        held: dict[str, Any] = {}
+
+        def main() -> tuple[Tensor, dict[str, Any]]:
+            loss_main, outputs = super(MaskSubTrainer, self).compute_loss(
+                model, dict(inputs), True, num_items_in_batch)
+            if return_outputs:
+                held["outputs"] = outputs
+            return (loss_main.mean() if loss_main.ndim else loss_main), _detached(outputs)  # DataParallel
+
+        def sub(main_outputs: dict[str, Any]) -> Tensor:
+            sub_inputs = {k: v for k, v in inputs.items() if k not in self.label_names}
+            with sub_branch(model, self.masksub_mode, self.masksub_ratio, family=self.masksub_branch):
+                sub_outputs = model(**sub_inputs)
+            return self.masksub_sub_loss(sub_outputs, main_outputs, {**inputs, **labels})
+
+        # weights in the returned loss's units: the sub loss is a per-micro-batch mean
+        res = two_branch_step(main, sub, order=self.masksub_order,
+                              weights=(w_main, w_sub * (f if scaled else 1.0)),
+                              backward=lambda loss: self.accelerator.backward(loss * d), run_last=False,
+                              no_sync=lambda: ddp_no_sync(model))
+        self._accumulate(res.loss_main * d, res.loss_sub * f)
+        loss = res.pending
         if self.masksub_order == "memory":  # its gradient is in .grad already; the value is logged
-            loss = loss_main.detach() * w_main + loss_sub * w_sub
-        else:
-            loss = loss_main * w_main + loss_sub * w_sub
-        return (loss, outputs) if return_outputs else loss
+            loss = loss + res.loss_main * w_main
+        return (loss, held["outputs"]) if return_outputs else loss
 
     def masksub_kind_for(self, model: nn.Module) -> str:
         """The relaxed-loss kind the head's own loss calls for (read per step: a sequence

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import MaskSubError
+from ..step import AMP_DTYPES
 from . import analysis
 from . import checkpoint as ckpt_mod
 from . import distributed as D
@@ -33,7 +34,6 @@ from .stats import StepStats, Sums
 
 __all__ = ["AMP_DTYPES", "Trainer", "TrainingStopped", "train"]
 
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Why a run stopped before its last epoch (None: it did not).
 STOP_SIGNAL, STOP_MAX_STEPS = "signal", "max_steps"
 

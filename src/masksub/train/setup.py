@@ -88,7 +88,7 @@ class Setup:
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model_raw = model
-        from .engine import AMP_DTYPES  # the trainer's amp names (engine.py keeps the map)
+        from ..step import AMP_DTYPES  # the one map of amp names
 
         amp_dtype = AMP_DTYPES[cfg.amp]
         kind = "sigmoid" if cfg.bce else "softmax"

@@ -5,7 +5,9 @@
 Every sub-folder with a ``results.json`` is one family's comparison. Each setting other than
 ``baseline`` gets a row: the standard run's and the setting's final top-1 (mean ± sample std over
 seeds), the per-seed difference (same seed, same data order), its mean, and the cost (training
-time of the setting / the standard run's, measured in the same comparison). Only complete runs
+time of the setting / the standard run's, measured in the same comparison, wall clock on a
+shared machine) and, when ``step_cost.json`` (scripts/step_cost.py) is there, the CPU time of
+one step against a standard one. Only complete runs
 count; a comparison without ``results.json`` yet (running, or cut short) contributes the runs
 it finished. Writes ``table.md`` and ``gain.png`` into the folder; ``--readme`` also replaces the text
 between the two ``cpu-evidence`` markers of that file.
@@ -14,6 +16,7 @@ between the two ``cpu-evidence`` markers of that file.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -86,22 +89,47 @@ def family_rows(folder: Path) -> list[dict[str, Any]]:
     return out
 
 
+def merge_seed_folders(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Comparisons run one seed per folder (``NAME-seed1``, ``NAME-seed2``, to run side by side)
+    join the row of ``NAME``: one row per family, setting and length."""
+    out: dict[tuple, dict[str, Any]] = {}
+    for r in rows:
+        fam = re.sub(r"-seed\d+$", "", r["family"])
+        key = (fam, r["setting"], r["recipe"], r["epochs"])
+        if key not in out:
+            out[key] = {**r, "family": fam, "costs": [r["cost"]] * len(r["seeds"]) if r["cost"] else []}
+            continue
+        m = out[key]
+        for k in ("seeds", "base", "mine", "deltas"):
+            m[k] = m[k] + r[k]
+        m["costs"] += [r["cost"]] * len(r["seeds"]) if r["cost"] else []
+        m["cost"] = statistics.mean(m["costs"]) if m["costs"] else None
+    for m in out.values():
+        order = sorted(range(len(m["seeds"])), key=lambda i: m["seeds"][i])
+        for k in ("seeds", "base", "mine", "deltas"):
+            m[k] = [m[k][i] for i in order]
+    return list(out.values())
+
+
 def _ms(vals: list[float]) -> str:
     if len(vals) < 2:
         return f"{vals[0]:.2f}"
     return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
 
 
-def to_markdown(rows: list[dict[str, Any]]) -> str:
+def to_markdown(rows: list[dict[str, Any]], step_cost: dict[str, Any] | None = None) -> str:
+    """``step_cost``: scripts/step_cost.py's JSON (CPU time per step), a column when given."""
     head = ("| family (recipe) | setting | epochs | seeds | standard top-1 | setting top-1 | "
-            "difference per seed | mean difference | cost vs standard |\n|---|---|---|---|---|---|---|---|---|\n")
+            "difference per seed | mean difference | training time vs standard | CPU time per step vs standard |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n")
     body = ""
     for r in rows:
         per_seed = " / ".join(f"{d:+.2f}" for d in r["deltas"])
         cost = f"{r['cost']:.2f}x" if r["cost"] is not None else "—"
+        step = ((step_cost or {}).get(r["recipe"]) or {}).get("cost_vs_baseline", {}).get(r["setting"])
         body += (f"| {r['family']} (`{r['recipe']}`) | {r['label']} | {r['epochs']} | "
                  f"{', '.join(map(str, r['seeds']))} | {_ms(r['base'])} | {_ms(r['mine'])} | {per_seed} | "
-                 f"{statistics.mean(r['deltas']):+.2f} | {cost} |\n")
+                 f"{statistics.mean(r['deltas']):+.2f} | {cost} | {f'{step:.2f}x' if step else '—'} |\n")
     return head + body
 
 
@@ -130,12 +158,14 @@ def main(argv: list[str]) -> int:
         return 2
     root = Path(argv[0])
     readme = Path(argv[argv.index("--readme") + 1]) if "--readme" in argv else None
-    folders = sorted({p.parent for p in root.glob("*/results.json")} | {p.parent for p in root.glob("*/compare.json")})
+    found = {p.parent for p in root.glob("*/results.json")} | {p.parent for p in root.glob("*/compare.json")}
+    folders = sorted(found, key=lambda f: (f.name.startswith("longer"), f.name))  # the checks last
     if not folders:
         print(f"no comparison (*/results.json or */compare.json) under {root}", file=sys.stderr)
         return 2
-    rows = [row for f in folders for row in family_rows(f)]
-    md = to_markdown(rows)
+    rows = merge_seed_folders([row for f in folders for row in family_rows(f)])
+    cost_file = root / "step_cost.json"
+    md = to_markdown(rows, json.loads(cost_file.read_text()) if cost_file.is_file() else None)
     (root / "table.md").write_text(md)
     plot(rows, root / "gain.png")
     if readme is not None:

@@ -91,6 +91,7 @@ def test_evidence_table_and_plot_from_fake_results(tmp_path: Path) -> None:
                  {"baseline": 100.0, "masksub": 150.0, "dropsub": 210.0})
     _fake_family(res, "resnet", "fmnist-cpu-resnet", ["baseline", "masksub"],
                  {"baseline": [84.0, 84.2, 84.4], "masksub": [83.0, 84.0, 84.0]}, {"baseline": 50.0, "masksub": 100.0})
+    (res / "step_cost.json").write_text(json.dumps({"fmnist-cpu-resnet": {"cost_vs_baseline": {"masksub": 2.07}}}))
     readme = tmp_path / "README.md"
     mod = _script("evidence_table")
     readme.write_text(f"intro\n{mod.START}\nold table\n{mod.END}\noutro\n")
@@ -101,9 +102,9 @@ def test_evidence_table_and_plot_from_fake_results(tmp_path: Path) -> None:
     resnet = lines[0].split(" | ")
     assert resnet[1] == "MaskSub 0.5" and resnet[3] == "0, 1, 2"
     assert resnet[4] == f"84.20 ± {statistics.stdev([84.0, 84.2, 84.4]):.2f}"
-    assert resnet[6] == "-1.00 / -0.20 / -0.40" and resnet[7] == "-0.53" and resnet[8].startswith("2.00x")
+    assert resnet[6] == "-1.00 / -0.20 / -0.40" and resnet[7] == "-0.53" and resnet[8] == "2.00x" and resnet[9] == "2.07x |"
     vit_drop = lines[2].split(" | ")
-    assert vit_drop[1] == "DropSub p 0.2" and vit_drop[6] == "+0.00 / +0.00 / +0.50" and vit_drop[8].startswith("2.10x")
+    assert vit_drop[1] == "DropSub p 0.2" and vit_drop[6] == "+0.00 / +0.00 / +0.50" and vit_drop[8] == "2.10x" and vit_drop[9] == "— |"
     assert (res / "gain.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = readme.read_text()
     assert "old table" not in text and lines[0] in text and text.startswith("intro") and text.endswith("outro\n")
@@ -140,3 +141,19 @@ def test_evidence_table_reads_a_comparison_cut_short(tmp_path: Path) -> None:
     rows = mod.family_rows(d)
     assert len(rows) == 1 and rows[0]["seeds"] == [0] and rows[0]["deltas"] == [2.5]
     assert rows[0]["cost"] == pytest.approx(1.5) and rows[0]["label"] == "MaskSub 0.5"
+
+
+def test_one_seed_folders_join_their_comparison_row(tmp_path: Path) -> None:
+    res = tmp_path / "res"
+    tops = {"baseline": [70.0, 71.0, 72.0], "masksub": [71.0, 70.0, 74.0]}
+    _fake_family(res, "long", "fmnist-cpu-vit", ["baseline", "masksub"], tops, {"baseline": 10.0, "masksub": 15.0})
+    _fake_family(res, "long-seed5", "fmnist-cpu-vit", ["baseline", "masksub"], tops, {"baseline": 10.0, "masksub": 20.0})
+    mod = _script("evidence_table")
+    rows = mod.merge_seed_folders([r for f in sorted(res.iterdir()) for r in mod.family_rows(f)])
+    assert len(rows) == 1 and rows[0]["family"] == "long" and rows[0]["seeds"] == [0, 0, 1, 1, 2, 2]
+    assert rows[0]["deltas"] == [1.0, 1.0, -1.0, -1.0, 2.0, 2.0] and rows[0]["cost"] == pytest.approx(1.75)
+
+
+def test_step_cost_times_each_setting_on_the_recipe_model() -> None:
+    cost = _script("step_cost").measure("fmnist-cpu-vit", ["masksub", "pathsub"], steps=1)
+    assert set(cost) == {"baseline", "masksub", "pathsub"} and all(v > 0 for v in cost.values())

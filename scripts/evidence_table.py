@@ -164,6 +164,7 @@ def main(argv: list[str]) -> int:
         print(f"no comparison (*/results.json or */compare.json) under {root}", file=sys.stderr)
         return 2
     rows = merge_seed_folders([row for f in folders for row in family_rows(f)])
+    rows.sort(key=lambda r: (r["family"].startswith("longer"), r["recipe"], r["epochs"] or 0))  # stable
     cost_file = root / "step_cost.json"
     md = to_markdown(rows, json.loads(cost_file.read_text()) if cost_file.is_file() else None)
     (root / "table.md").write_text(md)

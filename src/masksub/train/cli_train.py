@@ -13,6 +13,7 @@ FLAGS = {
     "data": str, "sub": str, "ratio": float, "order": str, "model": str, "epochs": int,
     "batch_size": int, "lr": float, "seed": int, "output": str, "run_name": str, "amp": str,
     "device": str, "accum_steps": int, "max_steps": int, "threads": int, "workers": int, "dist": str,
+    "dropsub_p": float, "pathsub_delta": float,
 }
 
 
@@ -63,6 +64,14 @@ def check_resume(saved: dict, cfg, recipe: str | None, where: str) -> None:
             "override, or start a new run (another --run-name) from the weights with pretrained_file=")
 
 
+def check_strength_flags(ov: dict, sub: str) -> None:
+    """``--sub dropout --ratio 0.3`` would silently run p 0.2: ratio is the mask ratio only."""
+    key = {"dropout": "dropsub_p", "droppath": "pathsub_delta"}.get(sub)
+    if key and "ratio" in ov:
+        raise MaskSubError(f"ratio is the mask ratio (sub=mask); sub={sub} takes its strength from {key}: "
+                           f"give --{key.replace('_', '-')} {ov['ratio']} instead of --ratio")
+
+
 def overrides(args: argparse.Namespace) -> dict:
     from .config import parse_sets
 
@@ -97,6 +106,7 @@ def main(args: argparse.Namespace) -> int:
         if not args.recipe:
             raise MaskSubError("give --recipe NAME (see `masksub train --list`) or --resume RUN_DIR")
         cfg = C.load(args.recipe, ov, check_paths=not args.show)
+    check_strength_flags(ov, cfg.sub)
     if args.show:
         from .show import render
 

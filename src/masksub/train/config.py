@@ -88,11 +88,15 @@ class Config:
     bce_target_thresh: float | None = None
     # the sub-branch
     sub: str = "mask"
-    ratio: float | None = None
+    ratio: float | None = None  # the mask ratio (sub=mask); DropSub / PathSub have their own keys below
     order: str = "memory"
     family: str | None = None
     family_options: dict = field(default_factory=dict)
     masking_only: bool = False
+    # the sub-branch's strength for the two other modes (each its own key, so that a recipe's
+    # mask ratio never becomes a dropout p or a drop-path increase); the paper's Table 13 values
+    dropsub_p: float = 0.2  # sub=dropout: p of the residual-branch dropouts in the sub forward
+    pathsub_delta: float = 0.1  # sub=droppath: added to every drop-path rate in the sub forward
     # optimisation
     opt: str = "adamw"
     lr: float = 1e-3
@@ -303,9 +307,40 @@ def load(recipe: str | None, overrides: dict[str, Any] | None = None, *, check_p
 
 def from_dict(values: dict[str, Any]) -> Config:
     """A config saved in a run directory or checkpoint (keys this version lacks are refused)."""
+    values = dict(values)
+    # saved before the per-mode keys: its ``ratio`` was the dropout p / drop-path increase it ran at
+    if values.get("ratio") is not None and "dropsub_p" not in values and "pathsub_delta" not in values:
+        key = {"dropout": "dropsub_p", "droppath": "pathsub_delta"}.get(values.get("sub", ""))
+        if key:
+            values[key] = values["ratio"]
     cfg = apply(Config(), values, "the saved config")
     validate(cfg)
     return cfg
+
+
+STRENGTH_KEYS = {"mask": "ratio", "dropout": "dropsub_p", "droppath": "pathsub_delta"}
+
+
+def sub_strength(cfg: Config) -> float | None:
+    """The strength the sub-branch runs at for ``cfg.sub``: mask ratio, dropout p or drop-path
+    increase (None: no sub-branch, or a mask ratio left to the family's default)."""
+    key = STRENGTH_KEYS.get(cfg.sub)
+    return None if key is None else getattr(cfg, key)
+
+
+def describe_sub(cfg: Config) -> str:
+    """One line on what the sub-branch will do, for ``--show`` and logs."""
+    if cfg.sub == "none":
+        return "sub-branch: none (standard training, Eq. (1))"
+    if cfg.sub == "mask":
+        r = "the family's default (0.5)" if cfg.ratio is None else f"{cfg.ratio:g}"
+        what = "masking on the only branch (Eq. (2))" if cfg.masking_only else "MaskSub"
+        return f"sub-branch: mask ({what}), mask ratio {r} (key ratio)"
+    if cfg.sub == "dropout":
+        return (f"sub-branch: dropout (DropSub), residual-branch dropout p {cfg.dropsub_p:g} in the sub forward "
+                "(key dropsub_p; the paper's Table 13 uses 0.2)")
+    return (f"sub-branch: droppath (PathSub), every drop-path + {cfg.pathsub_delta:g} in the sub forward "
+            f"(key pathsub_delta; the paper's Table 13 uses + 0.1); main drop_path {cfg.drop_path:g}")
 
 
 def _check_numbers(cfg: Config) -> None:
@@ -367,10 +402,10 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
         raise MaskSubError(f"pretrained_min_loaded must be in [0, 1], got {cfg.pretrained_min_loaded}")
     if cfg.warmup_prefix and cfg.warmup_epochs >= cfg.epochs:
         raise MaskSubError(f"warmup_prefix: warmup_epochs ({cfg.warmup_epochs}) must be < epochs ({cfg.epochs})")
-    if cfg.ratio is not None:  # checked even with sub=none, where the baseline ignores it
-        what = {"mask": "ratio (mask ratio)", "dropout": "ratio (dropout p_sub)",
-                "droppath": "ratio (drop-path increase)", "none": "ratio"}[cfg.sub]
-        check_ratio(cfg.ratio, what)
+    if cfg.ratio is not None:  # checked in every mode, though only sub=mask uses it
+        check_ratio(cfg.ratio, "ratio (the mask ratio)")
+    check_ratio(cfg.dropsub_p, "dropsub_p (DropSub's dropout p in the sub-branch)")
+    check_ratio(cfg.pathsub_delta, "pathsub_delta (PathSub's drop-path increase in the sub-branch)")
     if cfg.masking_only and cfg.sub != "mask":
         raise MaskSubError("masking_only trains the single branch on masked input: it needs sub=mask")
     for key in ("drop_path", "drop", "reprob", "label_smoothing", "hflip"):

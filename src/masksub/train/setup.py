@@ -32,7 +32,7 @@ from .build import (
     build_scheduler,
     label_criterion,
 )
-from .config import Config
+from .config import Config, sub_strength
 from .data import build_data
 from .logging import RunLog
 from .stats import Sums
@@ -93,7 +93,7 @@ class Setup:
         amp_dtype = AMP_DTYPES[cfg.amp]
         kind = "sigmoid" if cfg.bce else "softmax"
         mode = None if cfg.sub == "none" else cfg.sub
-        self.ms = MaskSub(model, mode, cfg.ratio if mode else None, family=cfg.family, order=cfg.order, kind=kind,
+        self.ms = MaskSub(model, mode, sub_strength(cfg) if mode else None, family=cfg.family, order=cfg.order, kind=kind,
                           amp_dtype=amp_dtype, **(cfg.family_options if mode else {}))
         # The step: MaskSub itself, or for Eq. (2) a one-branch step whose forward is the sub-branch,
         # so both settings share the same backward, DDP sync and gradient-norm code.

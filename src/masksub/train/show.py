@@ -43,7 +43,7 @@ def render(cfg: C.Config, recipe: str | None, world: int | None = None) -> str:
     from .build import effective_lr
 
     if not recipe:
-        return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+        return yaml.safe_dump(cfg.to_dict(), sort_keys=False) + C.describe_sub(cfg) + "\n"
 
     world = world or int(os.environ.get("WORLD_SIZE", "1") or 1)
     lines = recipe_lines(recipe)
@@ -61,6 +61,7 @@ def render(cfg: C.Config, recipe: str | None, world: int | None = None) -> str:
     v = min(max(len(x) for _, x, _ in rows), 40)
     out = [f"recipe {recipe} ({C.find_recipe(recipe)})"]
     out += [f"  {k:<{w}}  {x:<{v}}  {n}".rstrip() for k, x, n in rows]
+    out.append(C.describe_sub(cfg))
     lr, wlr, mlr, note = effective_lr(cfg, world)
     batch = cfg.batch_size * world * cfg.accum_steps
     out.append(f"global batch: batch_size {cfg.batch_size} x {world} process(es) (WORLD_SIZE) x accum_steps "

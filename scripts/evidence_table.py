@@ -1,0 +1,183 @@
+"""The CPU-evidence table and plot, from the ``results.json`` of each ``masksub compare`` folder.
+
+    PYTHONPATH=src python scripts/evidence_table.py benchmarks/results/cpu-evidence [--readme README.md]
+
+Every sub-folder with a ``results.json`` is one family's comparison. Each setting other than
+``baseline`` gets a row: the standard run's and the setting's final top-1 (mean ± sample std over
+seeds), the per-seed difference (same seed, same data order), its mean, and the cost (training
+time of the setting / the standard run's, measured in the same comparison, wall clock on a
+shared machine) and, when ``step_cost.json`` (scripts/step_cost.py) is there, the CPU time of
+one step against a standard one. Only complete runs
+count; a comparison without ``results.json`` yet (running, or cut short) contributes the runs
+it finished. Writes ``table.md`` and ``gain.png`` into the folder; ``--readme`` also replaces the text
+between the two ``cpu-evidence`` markers of that file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+START, END = "<!-- cpu-evidence table: start -->", "<!-- cpu-evidence table: end -->"
+NAMES = {"masksub": "MaskSub", "dropsub": "DropSub", "pathsub": "PathSub", "masking": "masking only",
+         "samebudget": "standard, same cost"}
+
+
+def _strength(run: dict[str, Any]) -> str:
+    r = (run.get("summary") or {}).get("ratio")
+    if r is None:
+        return ""
+    return {"masksub": f" {r:g}", "dropsub": f" p {r:g}", "pathsub": f" +{r:g}"}.get(run["setting"], f" {r:g}")
+
+
+def _read_partial(folder: Path) -> dict[str, Any]:
+    """A comparison still running or cut short (no results.json yet): its finished runs, read
+    from each run folder's summary.json and metrics.jsonl."""
+    plan = json.loads((folder / "compare.json").read_text())
+    rows, runs = [], []
+    for setting in plan["settings"]:
+        for seed in plan["seeds"]:
+            d = folder / f"{setting}-seed{seed}"
+            try:
+                summary = json.loads((d / "summary.json").read_text())
+                lines = [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+                epochs = int(yaml_value(d / "config.yaml", "epochs"))
+            except (OSError, ValueError):
+                continue
+            ep = [e for e in lines if e.get("kind") == "epoch"]
+            complete = not summary.get("stopped") and summary.get("epochs_done") == epochs
+            rows.append({"setting": setting, "seed": seed, "epochs": len(ep), "final_top1": summary.get("top1"),
+                         "time_s": sum(e.get("time_s") or 0.0 for e in ep), "complete": "yes" if complete else "no"})
+            runs.append({"setting": setting, "seed": seed, "summary": summary})
+    return {"recipe": plan["recipe"], "settings": plan["settings"], "rows": rows, "runs": runs}
+
+
+def yaml_value(path: Path, key: str) -> str:
+    for line in path.read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return line.split(":", 1)[1].split("#")[0].strip()
+    raise ValueError(f"{key} not in {path}")
+
+
+def family_rows(folder: Path) -> list[dict[str, Any]]:
+    """One dict per non-baseline setting of one comparison folder."""
+    done_file = folder / "results.json"
+    res = json.loads(done_file.read_text()) if done_file.is_file() else _read_partial(folder)
+    done = [r for r in res["rows"] if r.get("complete", "yes") == "yes" and r.get("final_top1") is not None]
+    runs = {(r["setting"], r["seed"]): r for r in res.get("runs", [])}
+    base = {r["seed"]: r for r in done if r["setting"] == "baseline"}
+    out = []
+    for setting in [s for s in res["settings"] if s != "baseline"]:
+        mine = {r["seed"]: r for r in done if r["setting"] == setting}
+        seeds = sorted(set(mine) & set(base))
+        if not seeds:
+            continue
+        deltas = [mine[s]["final_top1"] - base[s]["final_top1"] for s in seeds]
+        costs = [mine[s]["time_s"] / base[s]["time_s"] for s in seeds if mine[s].get("time_s") and base[s].get("time_s")]
+        run = runs.get((setting, seeds[0]), {"setting": setting})
+        out.append({
+            "family": folder.name, "recipe": res.get("recipe", ""), "setting": setting,
+            "label": NAMES.get(setting, setting) + _strength(run), "seeds": seeds,
+            "base": [base[s]["final_top1"] for s in seeds], "mine": [mine[s]["final_top1"] for s in seeds],
+            "deltas": deltas, "cost": statistics.mean(costs) if costs else None,
+            "epochs": mine[seeds[0]].get("epochs"),
+        })
+    return out
+
+
+def merge_seed_folders(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Comparisons run one seed per folder (``NAME-seed1``, ``NAME-seed2``, to run side by side)
+    join the row of ``NAME``: one row per family, setting and length."""
+    out: dict[tuple, dict[str, Any]] = {}
+    for r in rows:
+        fam = re.sub(r"-seed\d+$", "", r["family"])
+        key = (fam, r["setting"], r["recipe"], r["epochs"])
+        if key not in out:
+            out[key] = {**r, "family": fam, "costs": [r["cost"]] * len(r["seeds"]) if r["cost"] else []}
+            continue
+        m = out[key]
+        for k in ("seeds", "base", "mine", "deltas"):
+            m[k] = m[k] + r[k]
+        m["costs"] += [r["cost"]] * len(r["seeds"]) if r["cost"] else []
+        m["cost"] = statistics.mean(m["costs"]) if m["costs"] else None
+    for m in out.values():
+        order = sorted(range(len(m["seeds"])), key=lambda i: m["seeds"][i])
+        for k in ("seeds", "base", "mine", "deltas"):
+            m[k] = [m[k][i] for i in order]
+    return list(out.values())
+
+
+def _ms(vals: list[float]) -> str:
+    if len(vals) < 2:
+        return f"{vals[0]:.2f}"
+    return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
+
+
+def to_markdown(rows: list[dict[str, Any]], step_cost: dict[str, Any] | None = None) -> str:
+    """``step_cost``: scripts/step_cost.py's JSON (CPU time per step), a column when given."""
+    head = ("| family (recipe) | setting | epochs | seeds | standard top-1 | setting top-1 | "
+            "difference per seed | mean difference | training time vs standard | CPU time per step vs standard |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n")
+    body = ""
+    for r in rows:
+        per_seed = " / ".join(f"{d:+.2f}" for d in r["deltas"])
+        cost = f"{r['cost']:.2f}x" if r["cost"] is not None else "—"
+        step = ((step_cost or {}).get(r["recipe"]) or {}).get("cost_vs_baseline", {}).get(r["setting"])
+        body += (f"| {r['family']} (`{r['recipe']}`) | {r['label']} | {r['epochs']} | "
+                 f"{', '.join(map(str, r['seeds']))} | {_ms(r['base'])} | {_ms(r['mine'])} | {per_seed} | "
+                 f"{statistics.mean(r['deltas']):+.2f} | {cost} | {f'{step:.2f}x' if step else '—'} |\n")
+    return head + body
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(rows) + 1), 3.2))
+    for i, r in enumerate(rows):
+        ax.scatter([i] * len(r["deltas"]), r["deltas"], color="C0", zorder=3, s=18)
+        ax.hlines(statistics.mean(r["deltas"]), i - 0.25, i + 0.25, color="C1", zorder=2)
+    ax.axhline(0.0, color="gray", lw=0.8)
+    ax.set_xticks(range(len(rows)), [f"{r['family']}\n{r['label']}" for r in rows], fontsize=7)
+    ax.set_ylabel("top-1 difference vs standard (points)", fontsize=8)
+    ax.set_title("Fashion-MNIST, one CPU core: each seed a point, the mean a bar", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print(__doc__)
+        return 2
+    root = Path(argv[0])
+    readme = Path(argv[argv.index("--readme") + 1]) if "--readme" in argv else None
+    found = {p.parent for p in root.glob("*/results.json")} | {p.parent for p in root.glob("*/compare.json")}
+    folders = sorted(found, key=lambda f: (f.name.startswith("longer"), f.name))  # the checks last
+    if not folders:
+        print(f"no comparison (*/results.json or */compare.json) under {root}", file=sys.stderr)
+        return 2
+    rows = merge_seed_folders([row for f in folders for row in family_rows(f)])
+    rows.sort(key=lambda r: (r["family"].startswith("longer"), r["recipe"], r["epochs"] or 0))  # stable
+    cost_file = root / "step_cost.json"
+    md = to_markdown(rows, json.loads(cost_file.read_text()) if cost_file.is_file() else None)
+    (root / "table.md").write_text(md)
+    plot(rows, root / "gain.png")
+    if readme is not None:
+        text = readme.read_text()
+        head, rest = text.split(START, 1)
+        tail = rest.split(END, 1)[1]
+        readme.write_text(f"{head}{START}\n{md}{END}{tail}")
+    print(md, end="")
+    print(f"wrote {root / 'table.md'} and {root / 'gain.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -12,21 +12,21 @@ set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 PY=${PYTHON:-.venv/bin/python}
-OUT=benchmarks/results/cpu-evidence
+RESULTS=benchmarks/results/cpu-evidence
 SEEDS=0,1,2
-mkdir -p "$OUT"
+mkdir -p "$RESULTS"
 
 compare() {  # folder recipe settings [more compare options]
-    local fam=$1 recipe=$2 settings=$3 dir="$OUT/$1"
+    local fam=$1 recipe=$2 settings=$3 dir="$RESULTS/$1"
     shift 3
     if [ "${RESUME:-0}" = 1 ] && [ -f "$dir/compare.json" ]; then
         [ -f "$dir/results.json" ] && return 0
-        nice -n 15 "$PY" -m masksub.cli compare --resume "$dir" >> "$OUT/$fam.log" 2>&1
+        nice -n 15 "$PY" -m masksub.cli compare --resume "$dir" >> "$RESULTS/$fam.log" 2>&1
     else
         nice -n 15 "$PY" -m masksub.cli compare --recipe "$recipe" --settings "$settings" --seeds "$SEEDS" \
-            --out "$dir" "$@" > "$OUT/$fam.log" 2>&1
+            --out "$dir" "$@" > "$RESULTS/$fam.log" 2>&1
     fi
-    echo "$fam: exit $?" >> "$OUT/lanes.log"
+    echo "$fam: exit $?" >> "$RESULTS/lanes.log"
 }
 
 if [ "${1:-}" = "--longer" ]; then
@@ -46,4 +46,4 @@ fi
 ( compare vit fmnist-cpu-vit baseline,masksub,dropsub,pathsub; compare swin fmnist-cpu-swin baseline,masksub ) &
 ( compare resnet fmnist-cpu-resnet baseline,masksub; compare convnext fmnist-cpu-convnext baseline,masksub ) &
 wait
-"$PY" scripts/evidence_table.py "$OUT"
+"$PY" scripts/evidence_table.py "$RESULTS"

@@ -4,13 +4,11 @@ gradients: equal to one process on the whole batch with the same masks."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import tiny_vit
+from conftest import spawn_ranks, tiny_vit
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -44,9 +42,9 @@ def norms(out):
     return float(out.grad_norm_main), float(out.grad_norm_sub)
 
 
-def worker(rank, port, out_dir):
+def worker(rank, init_method, out_dir):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD)
     try:
         x, y = data()
         mine = slice(rank * 2, rank * 2 + 2)
@@ -65,19 +63,9 @@ def worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    out = tmp_path_factory.mktemp("ddp_norms")
-    mp.spawn(worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return spawn_ranks(worker, WORLD, tmp_path_factory.mktemp("ddp_norms"))
 
 
 def test_grad_norms_under_ddp_equal_one_process_on_the_whole_batch(results):

@@ -51,12 +51,12 @@ FMNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                 "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 RECIPE = "fashion-mnist"
 
-# Fashion-MNIST reference (DESIGN.md, "Accuracy, Fashion-MNIST") and the accuracy targets.
+# Fashion-MNIST reference (benchmarks/README.md, "Reference figures") and the accuracy targets.
 ACCURACY_GAIN = 1.5  # MaskSub >= standard + 1.5 points, each seed
 REFERENCE_TOP1 = {"baseline": (90.33, 90.13), "masking": (89.93, 89.84), "masksub": (92.20, 92.13)}
 
 # -- step-time estimates (for the budget only; never reported as measurements) ----------------
-# Eager bf16 standard steps on an H100/H200, in ms, at the bench's batches. DESIGN.md's H200
+# Eager bf16 standard steps on an H100/H200, in ms, at the bench's batches. The H200
 # reference gives the compiled ViT-B/16 (batch 128) standard step, 38.8 ms; eager is taken ~15%
 # slower (45 ms). The others are scaled by forward GMACs per image (the figures timm's model
 # cards list, quoted from memory: estimate inputs only) x batch against ViT-B/16 (17.6 x 128):
@@ -64,7 +64,7 @@ REFERENCE_TOP1 = {"baseline": (90.33, 90.13), "masking": (89.93, 89.84), "masksu
 # 80 ms), ResNet-50 4.1 x 128 and Swin-T 4.5 x 128 (0.23x-0.26x, but many small memory-bound
 # kernels in eager: 40 ms each, on the safe side).
 STEP_MS = {"vit_s": 30.0, "vit_b": 45.0, "vit_l": 80.0, "resnet50": 40.0, "swin_t": 40.0}
-# MaskSub / standard step time, DESIGN.md's reference table (paper recipe, H200); Swin-T as
+# MaskSub / standard step time, the reference table in benchmarks/README.md (paper recipe, H200); Swin-T as
 # ResNet-50 (a full-size sub forward, FLOP limit 2.0).
 MASKSUB_RATIO = {"vit_s": 1.583, "vit_b": 1.543, "vit_l": 1.528, "resnet50": 1.953, "swin_t": 1.953}
 # Model build on the host (timm init of random weights), s.
@@ -144,7 +144,7 @@ def make_plan(rehearsal: bool = False) -> list[Stage]:
 
     plan = [Stage("bench-vit_b", "bench", "ViT-B/16 eager: standard, off, paper, masksub memory+fused, parts",
                   m("vit_b"), "vit_b", BENCH_ROWS, ("memory", "fused"))]
-    # The ViT goals (1.50-1.52x) are below DESIGN.md's reference ratios (1.53-1.58x): their
+    # The ViT goals (1.50-1.52x) are below the reference ratios (benchmarks/README.md) (1.53-1.58x): their
     # breakdown (the parts) says where the time goes if they are missed. ResNet-50 and Swin-T
     # (goal 1.98x, reference 1.95x) get the rows of their goals only, to fit the budget.
     for name, title in (("vit_s", "ViT-S/16"), ("vit_l", "ViT-L/16")):
@@ -702,7 +702,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
                      f"{_f(r['best_top1'], '.2f')} | {_f(r['time_s'], '.0f')} | {_f(r['cost_vs_baseline'], '.2f')} | "
                      f"{'yes' if r.get('complete') else 'NO'} |")
     ref = ", ".join(f"{k} {a:.2f} / {b:.2f}" for k, (a, b) in REFERENCE_TOP1.items())
-    lines += ["", f"Reference (DESIGN.md, H200; seeds 0 / 1): {ref}. Runs of one stage shared the GPU: "
+    lines += ["", f"Reference (benchmarks/README.md, H200; seeds 0 / 1): {ref}. Runs of one stage shared the GPU: "
               "their times are indicative; the bench is the cost measurement.", "",
               "## Goals: accuracy", "", "| seed | goal | standard | value | difference | status |",
               "|---|---|---|---|---|---|"]

@@ -29,7 +29,7 @@ PARTS = ("part_main", "part_sub", "part_opt")
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A timm model and the batch the reference figures (DESIGN.md, H200) use for it."""
+    """A timm model and the batch the reference figures (measured on an H200, benchmarks/README.md) use for it."""
 
     timm_name: str
     batch: int

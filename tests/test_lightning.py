@@ -15,11 +15,11 @@ import torch
 from torch.nn import functional as F
 
 pl = pytest.importorskip("pytorch_lightning")
-
 from conftest import tiny_vit  # noqa: E402
+from pytorch_lightning.callbacks import ModelCheckpoint  # noqa: E402
 
 from masksub import MaskSub, MaskSubError  # noqa: E402
-from masksub.integrations.lightning import LightningMaskSub  # noqa: E402
+from masksub.integrations.lightning import LightningMaskSub, RNGCheckpoint  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -37,17 +37,24 @@ def net():
 
 
 class Lit(pl.LightningModule):
-    def __init__(self, manual: bool = False, accumulate: int = 1) -> None:
+    def __init__(self, manual: bool = False, accumulate: int = 1, mode: str = "mask", random_masks: bool = False,
+                 plain: bool = False) -> None:
         super().__init__()
         self.net = net()
         self.automatic_optimization = not manual
         self.accumulate = accumulate
+        self.plain = plain  # no MaskSub at all: Lightning's own behaviour
         order = "memory" if manual else "fused"
-        self.masksub = LightningMaskSub(self, self.net, mode="mask", ratio=0.5, mask_fn=half_mask, order=order)
+        kw = {} if mode == "none" else {"ratio": 0.5, **({} if random_masks else {"mask_fn": half_mask})}
+        self.masksub = LightningMaskSub(self, self.net, mode=mode, order=order, **kw)
         self.grads: list[dict[str, torch.Tensor]] = []
+        self.seen: list[torch.Tensor] = []  # the batches trained on
 
     def training_step(self, batch, i):
         x, y = batch
+        self.seen.append(x)
+        if self.plain:
+            return F.cross_entropy(self.net(x), y)
         if self.automatic_optimization:
             return self.masksub.loss(x, y, F.cross_entropy)
         opt = self.optimizers()
@@ -129,21 +136,54 @@ def test_bf16_mixed_trains_and_logs_both_losses(manual, tmp_path):
     assert trainer.global_step == 2
 
 
-def test_checkpoint_and_resume(tmp_path):
-    """Stopped at the end of epoch 1 (4 steps), saved by Lightning, resumed: the weights come back
-    and the first resumed step has the uninterrupted run's gradient (same masks)."""
-    whole = Lit()
-    fit(whole, 8, tmp_path / "whole", enable_checkpointing=False)
-    first = Lit()
-    t = fit(first, 4, tmp_path / "cut", enable_checkpointing=False)
-    t.save_checkpoint(tmp_path / "cut.ckpt")
-    resumed = Lit()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=8, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path))
-    trainer.fit(resumed, data_loader(), ckpt_path=str(tmp_path / "cut.ckpt"))
-    assert trainer.global_step == 8 and len(resumed.grads) == 4
-    assert_grads(resumed.grads[:1], whole.grads[4:5])
-    assert all(v.isfinite().all() for v in resumed.state_dict().values())
+def trainer(steps, root, callbacks=()):
+    return pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=str(root), callbacks=list(callbacks),
+                      enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks))
+
+
+def run_and_resume(tmp_path, cut, rng, **lit_kw):
+    """An uninterrupted 8-step run (2 epochs of 4 batches) that Lightning checkpoints at step ``cut``,
+    and a run resumed from that checkpoint."""
+    extra = [RNGCheckpoint()] if rng else []
+    whole = Lit(**lit_kw)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=cut, save_top_k=-1)
+    torch.manual_seed(1)  # one mask stream for the run, whatever the tests before did
+    trainer(8, tmp_path, [ckpt, *extra]).fit(whole, data_loader())
+    resumed = Lit(**lit_kw)
+    torch.manual_seed(2)  # a fresh process draws from some other state
+    t = trainer(8, tmp_path, extra)
+    t.fit(resumed, data_loader(), ckpt_path=str(next((tmp_path / "ckpt").glob(f"*step={cut}.ckpt"))))
+    assert t.global_step == 8
+    return whole, resumed
+
+
+@pytest.mark.parametrize("manual", [False, True], ids=["automatic", "manual"])
+def test_resume_repeats_every_step_with_random_masks(manual, tmp_path):
+    """Checkpoint at the end of epoch 1, resume with RNGCheckpoint: every resumed step has the
+    uninterrupted run's gradients, random masks included (their RNG state is in the checkpoint)."""
+    whole, resumed = run_and_resume(tmp_path, 4, rng=True, manual=manual, random_masks=True)
+    assert len(resumed.grads) == 4
+    assert_grads(resumed.grads, whole.grads[4:])
+
+
+def test_without_rng_checkpoint_the_resumed_masks_differ(tmp_path):
+    """Lightning's checkpoint holds no RNG state: the same resume draws other masks."""
+    whole, resumed = run_and_resume(tmp_path, 4, rng=False, random_masks=True)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.seen, whole.seen[4:], strict=True))  # same batches
+    diff = max((r[k] - w[k]).abs().max().item() for r, w in zip(resumed.grads, whole.grads[4:], strict=True) for k in w)
+    assert diff > 1e-4, diff
+
+
+def test_mid_epoch_resume_is_lightnings_own_and_mode_none_matches_plain_lightning(tmp_path):
+    """Resumed mid-epoch (step 3 of 4), a plain DataLoader starts the epoch again from its first
+    batch: a plain LightningModule does it, and MaskSub in mode none follows it step by step."""
+    plain_whole, plain = run_and_resume(tmp_path / "plain", 3, rng=True, plain=True)
+    _, none = run_and_resume(tmp_path / "none", 3, rng=True, mode="none")
+    assert torch.equal(plain.seen[0], plain_whole.seen[0])  # batch 1 again, where the run had batch 4
+    assert not torch.equal(plain.seen[0], plain_whole.seen[3])
+    assert_grads(none.grads, plain.grads)
+    assert none.masksub.last.loss_sub is None
 
 
 def test_the_wrong_call_for_the_optimization_mode_is_refused(tmp_path):

@@ -398,6 +398,14 @@ class MaskSub:
         model = self.model
         if grad_norms and self.branch is not None and self.order != "memory":
             raise MaskSubError("grad_norms=True needs order='memory' (the fused order has one backward)")
+        if self.order == "memory" and self.branch is not None and backward_fn is not None:
+            # accelerate's backward under DeepSpeed / Megatron-LM also runs the engine's optimizer
+            # step: the memory order's two calls would step twice per batch
+            engine = getattr(getattr(getattr(backward_fn, "__self__", None), "distributed_type", None), "name", None)
+            if engine in ("DEEPSPEED", "MEGATRON_LM"):
+                raise MaskSubError(f"order='memory' calls backward_fn twice, but under {engine} "
+                                   "accelerator.backward also steps the optimizer: use MaskSub(..., "
+                                   "order='fused') or loss(x, y, criterion) with one accelerator.backward")
         bw = backward_fn if backward_fn is not None else plain_backward(scaler)
         ms: dict[str, Any] = {}
 

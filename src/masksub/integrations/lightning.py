@@ -19,14 +19,25 @@ synchronisation (``trainer.strategy.block_backward_sync``), then the sub backwar
 once. Both log ``loss_main`` and ``loss_sub``. No state of its own: Lightning's checkpoints and
 resume are those of the module (a mask token, where the family adds one, is a parameter of the
 network, built here before ``configure_optimizers``).
+
+The random masks are drawn from the global torch RNG, which Lightning's checkpoints do not hold:
+a resumed run draws other masks than the uninterrupted one. ``RNGCheckpoint`` (a callback) puts
+the torch, CUDA, numpy and Python RNG states in the checkpoint and sets them back on resume, so a
+run resumed from a checkpoint taken at the end of an epoch repeats the uninterrupted run step by
+step. Resuming mid-epoch is Lightning's own limit: a plain ``DataLoader`` starts its epoch again
+from the first batch (only a stateful loader resumes where it stopped).
 """
 
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+import pytorch_lightning as pl
+import torch
 from torch import Tensor, nn
 
 from ..errors import MaskSubError
@@ -94,4 +105,33 @@ class LightningMaskSub:
             self.module.log("loss_sub", out.loss_sub)
 
 
-__all__ = ["LightningMaskSub"]
+class RNGCheckpoint(pl.Callback):
+    """Saves the global RNG states (torch, CUDA, numpy, Python) in Lightning's checkpoint and sets
+    them back on resume, so the masks (and the loader's seeds) continue the uninterrupted run's
+    stream. Under DDP the checkpoint holds the states of the rank that writes it (rank 0), and
+    every rank resumes from them (as after ``seed_everything``, where all ranks start alike)."""
+
+    @property
+    def state_key(self) -> str:
+        return "RNGCheckpoint"
+
+    def state_dict(self) -> dict[str, Any]:
+        # tensors and plain numbers only: Lightning loads checkpoints with torch.load(weights_only=True)
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        version, py_state, py_gauss = random.getstate()
+        return {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+                "python": [version, list(py_state), py_gauss]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["torch"])
+        if state_dict["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])
+        name, keys, pos, has_gauss, gauss = state_dict["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        version, py_state, py_gauss = state_dict["python"]
+        random.setstate((version, tuple(py_state), py_gauss))
+
+
+__all__ = ["LightningMaskSub", "RNGCheckpoint"]

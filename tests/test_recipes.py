@@ -237,16 +237,28 @@ def test_paper_rows_are_all_there() -> None:
         assert cfg.get("source"), f"{name} has no source line"
 
 
+def _uncommented(name: str) -> list[str]:
+    """The recipe's value lines (top-level keys) with no comment naming where the value comes from."""
+    lines = {ln.split(":", 1)[0].strip(): ln for ln in C.find_recipe(name).read_text().splitlines()
+             if ln and not ln.startswith((" ", "#"))}
+    return [k for k, ln in lines.items() if k != "source" and "   # " not in ln]
+
+
+@pytest.mark.parametrize("name", sorted(n for n in RECIPES if n.startswith("fmnist-cpu-")))
+def test_evidence_recipes_name_a_source_on_every_line(name: str) -> None:
+    """The project's own recipes too: each value says where it comes from (the reference recipe,
+    the paper, or the CPU budget the header explains)."""
+    assert not _uncommented(name), f"{name}: values without a comment naming their source: {_uncommented(name)}"
+
+
 @pytest.mark.parametrize("name", PAPER)
 def test_recipe_equals_published(name: str) -> None:
     """Each published value, and a comment naming where it comes from on the recipe's line."""
     cfg = C.load(name, {"data": "synthetic"})  # the ImageNet path need not exist here
-    lines = {ln.split(":", 1)[0].strip(): ln for ln in C.find_recipe(name).read_text().splitlines()
-             if ln and not ln.startswith((" ", "#"))}
     wrong = {k: (getattr(cfg, k), v, src) for k, (v, src) in PUBLISHED[name].items()
              if (getattr(cfg, k) != v if not isinstance(v, float) else abs(getattr(cfg, k) - v) > 1e-12 * max(1, abs(v)))}
     assert not wrong, f"{name}: (recipe, published, source) = {wrong}"
-    uncommented = [k for k, ln in lines.items() if k != "source" and "   # " not in ln]
+    uncommented = _uncommented(name)
     assert not uncommented, f"{name}: values without a comment naming their source: {uncommented}"
     assert "from memory" not in C.find_recipe(name).read_text()
 

@@ -8,26 +8,16 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import spawn_ranks, tiny_vit
-from torch import nn
+from conftest import spawn_ranks
+from test_ddp import (  # the same model and masks as the DDP step tests
+    CE,
+    WORLD,
+    half_mask,
+    make_model,
+)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from masksub import MaskSub
-
-WORLD = 2
-CE = nn.CrossEntropyLoss()
-
-
-def half_mask(model, x, ratio):
-    """Deterministic mask (left columns zeroed): every process and the reference agree."""
-    x = x.clone()
-    x[..., : int(x.shape[-1] * ratio)] = 0
-    return x
-
-
-def make_model():
-    torch.manual_seed(0)
-    return tiny_vit(img_size=32, depth=1)
 
 
 def data():

@@ -81,10 +81,10 @@ def test_analysis_runs_on_hiera_and_keeps_the_epoch(tmp_path: Path) -> None:
 def test_analysis_a_family_cannot_run_is_refused_before_training(tmp_path: Path, monkeypatch, capsys) -> None:
     """Were a family's masked forward impossible in eval(), the run stops before any step (exit 2,
     one line), not after an epoch of training."""
+    from masksub.branches.vit import HieraTokenRemoval
     from masksub.cli import main
-    from masksub.train import analysis
 
-    monkeypatch.setattr(analysis, "ROOT_TRAIN_FAMILIES", frozenset())
+    monkeypatch.setattr(HieraTokenRemoval, "masks_in_training_only", False)
     recipe = tmp_path / "hiera.yaml"
     recipe.write_text(yaml.safe_dump(HIERA))
     assert main(["train", "--recipe", str(recipe), "--analysis", "--output", str(tmp_path), "--run-name", "h"]) == 2

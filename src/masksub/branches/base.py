@@ -64,6 +64,7 @@ class Family:
     why: str = ""  # why the family fits a model its ``matches`` accepts
     cost: float = 1.0  # sub forward+backward / main forward+backward that the family promises
     masks_ratio: bool = True  # the ratio is the fraction of the input masked (not a rate)
+    masks_in_training_only: bool = False  # True: the model reads its own masking slot only in train()
 
     def __init__(self, **options: Any) -> None:
         if options:

@@ -302,6 +302,7 @@ class HieraTokenRemoval(Family):
     priority = 650
     why = "a timm Hiera: its own mask-unit patch dropout (patch_drop_rate) removes 32 px units"
     cost = 0.5
+    masks_in_training_only = True
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

@@ -29,11 +29,6 @@ from ..errors import MaskSubError
 
 SUB_NAMES = {"mask": "MaskSub", "dropout": "DropSub", "droppath": "PathSub"}
 
-# families whose masking is a feature of the model's own training forward (timm Hiera reads
-# ``self.training`` of the root to drop mask units): the loss analysis sets that one flag
-ROOT_TRAIN_FAMILIES = frozenset({"hiera"})
-
-
 def curve_names(sub: str | None, masking_only: bool = False) -> tuple[str, str | None]:
     """What a run's ``grad_norm_main`` / ``grad_norm_sub`` curves are (sub None: no sub curve)."""
     if masking_only:
@@ -72,10 +67,10 @@ class GradNormMeter:
 
 
 @contextlib.contextmanager
-def root_training(model: nn.Module, family: str | None) -> Iterator[None]:
+def root_training(model: nn.Module, branch: Any) -> Iterator[None]:
     """In the eval-mode loss analysis, set the root module's own ``training`` flag (not its
     children's: dropout and drop-path stay off) for a family that masks only in training."""
-    if family not in ROOT_TRAIN_FAMILIES:
+    if not getattr(branch, "masks_in_training_only", False):
         yield
         return
     was = model.training
@@ -88,8 +83,7 @@ def root_training(model: nn.Module, family: str | None) -> Iterator[None]:
 
 def masked_forward(ams: Any, model: nn.Module, x: Any) -> Tensor:
     """The analysis's Eq. (2) forward: the 50% sub-branch on ``x`` with the model in eval()."""
-    name = ams.branch.name if ams.branch is not None else None
-    with root_training(model, name):
+    with root_training(model, ams.branch):
         return ams.forward_sub(x)
 
 

@@ -21,6 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+from test_hf_trainer import ListDataset  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 from transformers import BertConfig, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
@@ -30,17 +31,7 @@ from masksub.integrations.hf import MaskSubTrainer  # noqa: E402
 PAD, CLS, SEP, MASK = 0, 1, 2, 3
 VOCAB, LEN, N = 40, 8, 8
 HEADS = ("single", "multi", "regression", "token", "choice", "qa")
-
-
-class Rows(torch.utils.data.Dataset):
-    def __init__(self, rows: list[dict]) -> None:
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.rows[i]
+Rows = ListDataset  # the Trainer tests' list of rows
 
 
 def ids(g: torch.Generator, *shape: int) -> torch.Tensor:

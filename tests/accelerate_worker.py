@@ -12,15 +12,10 @@ import torch.distributed as dist
 from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
+from comm_count import counting_hook, leave  # noqa: E402
 from conftest import tiny_vit  # noqa: E402
 
 from masksub import MaskSub  # noqa: E402
-
-
-def counting_hook(state, bucket):
-    state["n"] += 1
-    fut = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
-    return fut.then(lambda f: f.value()[0] / dist.get_world_size())
 
 
 def main(out: str) -> None:
@@ -55,3 +50,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    leave()

@@ -19,6 +19,7 @@ from masksub.train.engine import Trainer
 NAN_LOSS, NAN_GRAD, INF_UPDATE = "FAULT_NAN_LOSS_STEPS", "FAULT_NAN_GRAD_STEPS", "FAULT_INF_UPDATE_STEPS"
 SLOW_CHECKPOINT, SLOW_ONLY = "FAULT_SLOW_CHECKPOINT", "FAULT_SLOW_CHECKPOINT_NAME"
 KILL_RANK_AT = "FAULT_KILL_RANK_AT"  # "RANK:STEP": that rank SIGKILLs itself before that update
+TEARDOWN_LOG = "FAULT_TEARDOWN_LOG"  # a folder: each rank writes what was alive when it left the group
 
 
 class _NanGrad(torch.autograd.Function):
@@ -79,6 +80,27 @@ def patch_slow_checkpoint(setattr_: Any, seconds: float, only: str = "") -> None
     setattr_(checkpoint, "_write", _write)
 
 
+def patch_teardown_log(setattr_: Any, folder: str) -> None:
+    """At each ``destroy_process_group``: how many DDP models are still alive (they hold the group;
+    one freed later, at interpreter exit, can abort a finished gloo run)."""
+    import gc
+    import json
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    real = dist.destroy_process_group
+
+    def destroy(*args: Any, **kwargs: Any) -> Any:
+        gc.collect()
+        live = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+        with open(os.path.join(folder, f"rank{dist.get_rank()}.json"), "w") as f:
+            json.dump({"live_ddp": live}, f)
+        return real(*args, **kwargs)
+
+    setattr_(dist, "destroy_process_group", destroy)
+
+
 def _steps(name: str) -> set[int]:
     return {int(s) for s in os.environ.get(name, "").split(",") if s.strip()}
 
@@ -88,5 +110,7 @@ def install_from_env() -> None:
     kill = os.environ.get(KILL_RANK_AT)
     patch_steps(setattr, nan_loss=_steps(NAN_LOSS), nan_grad=_steps(NAN_GRAD), inf_update=_steps(INF_UPDATE),
                 kill_rank_at=tuple(int(v) for v in kill.split(":")) if kill else None)
+    if os.environ.get(TEARDOWN_LOG):
+        patch_teardown_log(setattr, os.environ[TEARDOWN_LOG])
     if os.environ.get(SLOW_CHECKPOINT):
         patch_slow_checkpoint(setattr, float(os.environ[SLOW_CHECKPOINT]), os.environ.get(SLOW_ONLY, ""))

@@ -1,4 +1,5 @@
-"""Two CPU processes under torchrun (gloo): DDP trains, rank 0 alone writes, metrics cover both."""
+"""Two CPU processes under torchrun (gloo): DDP trains, rank 0 alone writes, metrics cover both,
+and each process frees its DDP model before it leaves the process group."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from masksub.train import checkpoint
 
 
 def test_torchrun_two_processes(tmp_path: Path) -> None:
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
+    left = tmp_path / "teardown"
+    left.mkdir()
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1", FAULT_TEARDOWN_LOG=str(left))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "masksub.cli", "train", "--recipe", "fashion-mnist", "--data", "synthetic",
+           str(Path(__file__).parent / "fault_launcher.py"), "train", "--recipe", "fashion-mnist", "--data", "synthetic",
            "--set", "synthetic_size=16", "--set", "synthetic_val_size=6", "--batch-size", "4",
            "--epochs", "2", "--set", "model_kwargs.depth=1", "--set", "model_kwargs.embed_dim=32",
            "--set", "model_kwargs.num_heads=2", "--amp", "none", "--no-progress", "--set", "log_every=1",
@@ -24,6 +27,9 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
            "--output", str(tmp_path), "--run-name", "ddp"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
+    # each rank left its process group with no DDP model alive to free it later, at interpreter exit
+    for rank in (0, 1):
+        assert json.loads((left / f"rank{rank}.json").read_text()) == {"live_ddp": 0}
     run = tmp_path / "ddp"
     recs = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in recs if r["kind"] == "epoch"]

@@ -229,11 +229,14 @@ def main(args: argparse.Namespace) -> int:
     if args.resume and not ckpt_path.is_file():
         raise MaskSubError(f"--resume: no checkpoint at {ckpt_path}")
     d, device = distributed.setup(args.device or "auto")
+    finished = False
     try:
-        return _train(args, out, name, train_pairs, val_pairs, ckpt_path, d, device, open_clip,
-                      DistributedDataParallel, ClipMaskSub, clamp_logit_scale)
+        rc = _train(args, out, name, train_pairs, val_pairs, ckpt_path, d, device, open_clip,
+                    DistributedDataParallel, ClipMaskSub, clamp_logit_scale)
+        finished = True
+        return rc
     finally:
-        distributed.teardown()
+        distributed.teardown(finished)
 
 
 def _train(args: argparse.Namespace, out: Path, name: str, train_pairs: list, val_pairs: list | None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -65,9 +66,20 @@ def setup(device_pref: str = "auto") -> tuple[Dist, torch.device]:
     return Dist(rank, world, local), device
 
 
-def teardown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def teardown(finished: bool = False) -> None:
+    """Leave the process group while the interpreter is whole. After a finished run every rank
+    waits for the others first, and what still holds the group (a DDP reducer) is collected before
+    it goes: a gloo group freed at interpreter exit instead can abort a run that has finished
+    ("terminate called without an active exception")."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if finished:
+        try:
+            dist.barrier()
+        except RuntimeError:  # a peer already gone: nothing to wait for
+            pass
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def all_sum(t: Tensor, d: Dist) -> Tensor:

@@ -515,13 +515,17 @@ def train(cfg: Config, *, resume: str | None = None, run_dir: str | None = None,
           overwrite: bool = False) -> dict[str, Any]:
     """Build, run, tear down: the whole ``masksub train``; returns the summary dict."""
     trainer = None
+    finished = False
     try:
         trainer = Trainer(cfg, resume=resume, run_dir=run_dir, overwrite=overwrite)
-        return trainer.run()
+        summary = trainer.run()
+        finished = True
+        return summary
     finally:
         if trainer is not None:
             trainer.close()
-        D.teardown()
+        trainer = None  # the DDP model goes before its process group (see D.teardown)
+        D.teardown(finished)
 
 
 def _lost_peer(e: BaseException) -> bool:

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -124,8 +125,17 @@ def spawn_ranks(worker: Callable[[int, str, str], None], world: int, tmp: Path) 
         pytest.skip("torch.distributed with gloo is not available")
     tmp.mkdir(parents=True, exist_ok=True)
     rendezvous = tmp / "rendezvous"
-    mp.spawn(worker, args=(f"file://{rendezvous}", str(tmp)), nprocs=world, join=True)
+    mp.spawn(_rank_entry, args=(worker, f"file://{rendezvous}", str(tmp)), nprocs=world, join=True)
     return [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
+
+
+def _rank_entry(rank: int, worker: Callable[[int, str, str], None], init_method: str, out: str) -> None:
+    """One rank of ``spawn_ranks``: the worker, then an exit that skips interpreter teardown (what
+    it saved is on disk; a gloo group still referenced there can abort a finished process)."""
+    worker(rank, init_method, out)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def signal_when(cmd: list[str], ready: Callable[[], bool], sig: int, *, env: dict[str, str] | None = None,

@@ -1,6 +1,7 @@
 """The CPU-evidence table and plot, from the ``results.json`` of each ``masksub compare`` folder.
 
     PYTHONPATH=src python scripts/evidence_table.py benchmarks/results/cpu-evidence [--readme README.md]
+    PYTHONPATH=src python scripts/evidence_table.py --lengths PILOT_FOLDER [MORE ...] [--readme README.md]
 
 Every sub-folder with a ``results.json`` is one family's comparison. Each setting other than
 ``baseline`` gets a row: the standard run's and the setting's final top-1 (mean ± sample std over
@@ -10,7 +11,12 @@ shared machine) and, when ``step_cost.json`` (scripts/step_cost.py) is there, th
 one step against a standard one. Only complete runs
 count; a comparison without ``results.json`` yet (running, or cut short) contributes the runs
 it finished. Writes ``table.md`` and ``gain.png`` into the folder; ``--readme`` also replaces the text
-between the two ``cpu-evidence`` markers of that file.
+between the two ``cpu-evidence`` markers of that file (``--marker NAME``: the ``NAME`` markers).
+
+``--lengths``: how each recipe's length was chosen. The standard run, seed 0, of every comparison
+in the folders, one row per recipe and length, with what twice the length gained; a length is
+converged when its double gains less than ``CONVERGED`` points. Writes ``lengths.md`` into the
+first folder (README markers: ``cpu-evidence lengths``).
 """
 
 from __future__ import annotations
@@ -22,7 +28,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-START, END = "<!-- cpu-evidence table: start -->", "<!-- cpu-evidence table: end -->"
+CONVERGED = 0.5  # points of test top-1 that twice the length may add to a converged standard run
+
+
+def markers(name: str = "cpu-evidence") -> tuple[str, str]:
+    return f"<!-- {name} table: start -->", f"<!-- {name} table: end -->"
+
+
+START, END = markers()
 NAMES = {"masksub": "MaskSub", "dropsub": "DropSub", "pathsub": "PathSub", "masking": "masking only",
          "samebudget": "standard, same cost"}
 
@@ -152,12 +165,92 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def length_rows(roots: list[Path]) -> list[dict[str, Any]]:
+    """The complete seed-0 standard run of each (recipe, epochs) under ``roots`` (the first found
+    wins), with ``gain_2x``: the same recipe's top-1 at twice the epochs minus this one's."""
+    seen: dict[tuple[str, int], dict[str, Any]] = {}
+    for root in roots:
+        for plan_file in sorted(root.glob("*/compare.json")):
+            run = plan_file.parent / "baseline-seed0"
+            try:
+                recipe = json.loads(plan_file.read_text())["recipe"]
+                summary = json.loads((run / "summary.json").read_text())
+                epochs = int(yaml_value(run / "config.yaml", "epochs"))
+                lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+            except (OSError, ValueError, KeyError):
+                continue
+            ep = [e for e in lines if e.get("kind") == "epoch"]
+            if summary.get("stopped") or summary.get("epochs_done") != epochs or summary.get("top1") is None or not ep:
+                continue
+            seen.setdefault((recipe, epochs), {
+                "recipe": recipe, "epochs": epochs, "steps": summary.get("steps"), "top1": summary["top1"],
+                "train_loss": ep[-1].get("loss_main"), "val_loss": ep[-1].get("val_loss"),
+                "folder": str(plan_file.parent)})
+    rows = sorted(seen.values(), key=lambda r: (r["recipe"], r["epochs"]))
+    for r in rows:
+        double = seen.get((r["recipe"], 2 * r["epochs"]))
+        r["gain_2x"] = double["top1"] - r["top1"] if double else None
+    return rows
+
+
+def lengths_markdown(rows: list[dict[str, Any]]) -> str:
+    """One line per recipe and length; the shortest converged length of each recipe in bold."""
+    chosen = {}
+    for r in rows:
+        if r["gain_2x"] is not None and r["gain_2x"] < CONVERGED:
+            chosen.setdefault(r["recipe"], r["epochs"])
+    head = ("| recipe | epochs | steps | standard top-1 (seed 0) | training loss at the end | test loss at the end | "
+            "twice the length adds | converged |\n|---|---|---|---|---|---|---|---|\n")
+    body = ""
+    for r in rows:
+        gain = "—" if r["gain_2x"] is None else f"{r['gain_2x']:+.2f}"
+        conv = ("**yes: chosen**" if chosen.get(r["recipe"]) == r["epochs"] else
+                "—" if r["gain_2x"] is None else "yes" if r["gain_2x"] < CONVERGED else "no")
+        loss = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+        body += (f"| `{r['recipe']}` | {r['epochs']} | {r['steps']} | {r['top1']:.2f} | {loss(r['train_loss'])} | "
+                 f"{loss(r['val_loss'])} | {gain} | {conv} |\n")
+    return head + body
+
+
+def replace_between(readme: Path, name: str, md: str) -> None:
+    start, end = markers(name)
+    text = readme.read_text()
+    if start not in text or end not in text:
+        raise SystemExit(f"{readme} has no {start} ... {end} markers")
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    readme.write_text(f"{head}{start}\n{md}{end}{tail}")
+
+
 def main(argv: list[str]) -> int:
     if not argv:
         print(__doc__)
         return 2
+    argv = list(argv)
+    readme = marker = None
+    if "--readme" in argv:
+        i = argv.index("--readme")
+        readme = Path(argv[i + 1])
+        del argv[i:i + 2]
+    if "--marker" in argv:
+        i = argv.index("--marker")
+        marker = argv[i + 1]
+        del argv[i:i + 2]
+    if "--lengths" in argv:
+        argv.remove("--lengths")
+        roots = [Path(a) for a in argv]
+        lrows = length_rows(roots)
+        if not lrows:
+            print(f"no complete standard run (*/baseline-seed0) under {', '.join(argv)}", file=sys.stderr)
+            return 2
+        md = lengths_markdown(lrows)
+        (roots[0] / "lengths.md").write_text(md)
+        if readme is not None:
+            replace_between(readme, marker or "cpu-evidence lengths", md)
+        print(md, end="")
+        print(f"wrote {roots[0] / 'lengths.md'}")
+        return 0
     root = Path(argv[0])
-    readme = Path(argv[argv.index("--readme") + 1]) if "--readme" in argv else None
     found = {p.parent for p in root.glob("*/results.json")} | {p.parent for p in root.glob("*/compare.json")}
     folders = sorted(found, key=lambda f: (f.name.startswith("longer"), f.name))  # the checks last
     if not folders:
@@ -170,10 +263,7 @@ def main(argv: list[str]) -> int:
     (root / "table.md").write_text(md)
     plot(rows, root / "gain.png")
     if readme is not None:
-        text = readme.read_text()
-        head, rest = text.split(START, 1)
-        tail = rest.split(END, 1)[1]
-        readme.write_text(f"{head}{START}\n{md}{END}{tail}")
+        replace_between(readme, marker or "cpu-evidence", md)
     print(md, end="")
     print(f"wrote {root / 'table.md'} and {root / 'gain.png'}")
     return 0

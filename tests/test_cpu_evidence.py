@@ -157,3 +157,44 @@ def test_one_seed_folders_join_their_comparison_row(tmp_path: Path) -> None:
 def test_step_cost_times_each_setting_on_the_recipe_model() -> None:
     cost = _script("step_cost").measure("fmnist-cpu-vit", ["masksub", "pathsub"], steps=1)
     assert set(cost) == {"baseline", "masksub", "pathsub"} and all(v > 0 for v in cost.values())
+
+
+def _fake_standard_run(root: Path, folder: str, recipe: str, epochs: int, top1: float, *, stopped: str | None = None) -> None:
+    d = root / folder
+    (d / "baseline-seed0").mkdir(parents=True)
+    (d / "compare.json").write_text(json.dumps({"recipe": recipe, "settings": ["baseline"], "seeds": [0]}))
+    run = d / "baseline-seed0"
+    (run / "config.yaml").write_text(f"sub: none\nepochs: {epochs}   # the length\n")
+    done = epochs if stopped is None else epochs // 2
+    (run / "summary.json").write_text(json.dumps({"top1": top1, "epochs_done": done, "stopped": stopped,
+                                                  "steps": 20 * done}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"kind": "epoch", "epoch": e + 1, "loss_main": 1.0 / (e + 1),
+                                                           "val_loss": 0.5}) + "\n" for e in range(done)))
+
+
+def test_lengths_table_marks_the_shortest_length_whose_double_adds_little(tmp_path: Path) -> None:
+    """How the lengths were chosen: the standard run at doubling lengths; converged where twice
+    the length adds under 0.5 points; a run cut short and a second copy of a length do not count."""
+    pilot, older = tmp_path / "pilot", tmp_path / "older"
+    _fake_standard_run(pilot, "vit-40ep", "fmnist-cpu-vit", 40, 75.0)
+    _fake_standard_run(pilot, "vit-80ep", "fmnist-cpu-vit", 80, 75.3)
+    _fake_standard_run(pilot, "vit-160ep", "fmnist-cpu-vit", 160, 75.5)
+    _fake_standard_run(pilot, "swin-40ep", "fmnist-cpu-swin", 40, 60.0)
+    _fake_standard_run(pilot, "swin-80ep", "fmnist-cpu-swin", 80, 99.0, stopped="signal")  # cut short
+    _fake_standard_run(older, "vit", "fmnist-cpu-vit", 20, 70.0)
+    _fake_standard_run(older, "vit-again", "fmnist-cpu-vit", 40, 10.0)  # the pilot's 40 epochs come first
+    mod = _script("evidence_table")
+    start, end = mod.markers("cpu-evidence lengths")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{start}\nold\n{end}\noutro\n")
+    assert mod.main(["--lengths", str(pilot), str(older), "--readme", str(readme)]) == 0
+    lines = [ln.split(" | ") for ln in (pilot / "lengths.md").read_text().splitlines()[2:]]
+    got = {(ln[0].strip("| `"), int(ln[1])): (ln[3], ln[6], ln[7].rstrip(" |")) for ln in lines}
+    assert got == {("fmnist-cpu-swin", 40): ("60.00", "—", "—"),
+                   ("fmnist-cpu-vit", 20): ("70.00", "+5.00", "no"),
+                   ("fmnist-cpu-vit", 40): ("75.00", "+0.30", "**yes: chosen**"),
+                   ("fmnist-cpu-vit", 80): ("75.30", "+0.20", "yes"),
+                   ("fmnist-cpu-vit", 160): ("75.50", "—", "—")}
+    text = readme.read_text()
+    assert "old" not in text and "**yes: chosen**" in text and text.endswith("outro\n")
+    assert mod.main(["--lengths", str(tmp_path / "nothing")]) == 2

@@ -313,6 +313,7 @@ ROWS = [
     Row("bench-steps", ["bench", "--device", "cpu", "--models", "tiny_vit", "--steps", "0", "--out", "{tmp}/b"],
         ["steps"]),
     Row("inspect-unknown-model", ["inspect", "resnet_fifty"], ["'resnet_fifty'"]),
+    Row("inspect-option-not-key-value", ["inspect", "resnet18", "--option", "patch_size"], ["--option", "'patch_size'"]),
 ]
 
 

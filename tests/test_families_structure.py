@@ -174,14 +174,15 @@ def test_sub_equals_main_is_not_blinded_by_dropout():
 
 @pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "mixer_s16_224"])
 def test_inspect_image_size_checked_before_the_first_forward(name, capsys):
-    assert cli_main(["inspect", name, "--modes", "mask", "--batch", "2"]) == 2
+    """A model built for another size than the batch (here by the user's own --kw)."""
+    assert cli_main(["inspect", name, "--modes", "mask", "--batch", "2", "--kw", "img_size=224"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "64x64" in err and "224x224" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("argv,bad", [
     (["resnet18", "--kw", "layerz=2"], "layerz"),
-    (["vit_tiny_patch16_224", "--img-size", "50"], "50x50"),
+    (["vit_tiny_patch16_224", "--img-size", "50", "--kw", "img_size=224"], "50x50"),
     (["resnet18", "--batch", "0"], "--batch"),
     (["--batch", "0"], "--batch must be at least 1, got 0"),
     (["resnet18", "--img-size", "0"], "--img-size"),

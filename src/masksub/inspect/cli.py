@@ -20,15 +20,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--kw", action="append", default=[], metavar="KEY=VALUE",
                         help="model builder keyword (repeatable), e.g. --kw depth=2 --kw drop_rate=0.1")
+    parser.add_argument("--family", default=None, help="the family to use instead of the one found (see README)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="family option (repeatable), e.g. --option patch_size=4 for 4 px squares")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
-def _kwargs(items: list[str]) -> dict:
+def _kwargs(items: list[str], flag: str = "--kw") -> dict:
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise MaskSubError(f"--kw takes KEY=VALUE, got {item!r}")
+            raise MaskSubError(f"{flag} takes KEY=VALUE, got {item!r}")
         try:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -49,8 +52,12 @@ def main(args: argparse.Namespace) -> int:
     if bad:
         raise MaskSubError(f"--modes takes {','.join(MODES)}; got {','.join(bad)}")
     kw = _kwargs(args.kw)
-    model = load_model(args.model, num_classes=args.num_classes, **kw)
-    reports = inspect_model(model, modes=modes, ratio=args.ratio, image_size=args.img_size, batch=args.batch)
+    options = _kwargs(args.option, "--option")
+    if args.family is not None:
+        options["family"] = args.family
+    model = load_model(args.model, num_classes=args.num_classes, default_img_size=args.img_size, **kw)
+    reports = inspect_model(model, modes=modes, ratio=args.ratio, image_size=args.img_size, batch=args.batch,
+                            **options)
     if args.json:
         print(json.dumps([asdict(r) for r in reports], indent=2))
     else:

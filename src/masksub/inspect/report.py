@@ -54,8 +54,10 @@ class ModeReport:
         return "\n".join(lines)
 
 
-def load_model(spec: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
-    """A timm model name (random init, no download), or ``module:function`` returning a model."""
+def load_model(spec: str, num_classes: int = 10, *, default_img_size: int | None = None, **kwargs: Any) -> nn.Module:
+    """A timm model name (random init, no download), or ``module:function`` returning a model.
+    ``default_img_size``: a timm model that takes an ``img_size`` (and is not given one in ``kwargs``)
+    is built for it, so the report is for the model the user trains; a CNN is built as it is."""
     if ":" in spec:  # the builder gets the keywords only (its own class count)
         mod, _, fn = spec.partition(":")
         try:
@@ -71,6 +73,13 @@ def load_model(spec: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
     if not timm.is_model(spec):
         close = timm.list_models(f"*{spec.split('_')[0]}*")[:5]
         raise MaskSubError(f"timm has no model {spec!r}" + (f"; close: {', '.join(close)}" if close else ""))
+    if default_img_size is not None and "img_size" not in kwargs:
+        try:
+            return timm.create_model(spec, pretrained=False, num_classes=num_classes, img_size=default_img_size,
+                                     **kwargs)
+        except TypeError as e:
+            if "img_size" not in str(e):
+                raise
     try:
         return timm.create_model(spec, pretrained=False, num_classes=num_classes, **kwargs)
     except TypeError as e:

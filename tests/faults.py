@@ -20,6 +20,7 @@ NAN_LOSS, NAN_GRAD, INF_UPDATE = "FAULT_NAN_LOSS_STEPS", "FAULT_NAN_GRAD_STEPS",
 SLOW_CHECKPOINT, SLOW_ONLY = "FAULT_SLOW_CHECKPOINT", "FAULT_SLOW_CHECKPOINT_NAME"
 KILL_RANK_AT = "FAULT_KILL_RANK_AT"  # "RANK:STEP": that rank SIGKILLs itself before that update
 TEARDOWN_LOG = "FAULT_TEARDOWN_LOG"  # a folder: each rank writes what was alive when it left the group
+SLOW_TEARDOWN = "FAULT_SLOW_TEARDOWN"  # seconds each rank waits before leaving the process group
 
 
 class _NanGrad(torch.autograd.Function):
@@ -101,6 +102,21 @@ def patch_teardown_log(setattr_: Any, folder: str) -> None:
     setattr_(dist, "destroy_process_group", destroy)
 
 
+def patch_slow_teardown(setattr_: Any, seconds: float) -> None:
+    """A process group that takes its time to go: long enough for a launcher to stop the process."""
+    import time
+
+    import torch.distributed as dist
+
+    real = dist.destroy_process_group
+
+    def destroy(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(seconds)
+        return real(*args, **kwargs)
+
+    setattr_(dist, "destroy_process_group", destroy)
+
+
 def _steps(name: str) -> set[int]:
     return {int(s) for s in os.environ.get(name, "").split(",") if s.strip()}
 
@@ -112,5 +128,7 @@ def install_from_env() -> None:
                 kill_rank_at=tuple(int(v) for v in kill.split(":")) if kill else None)
     if os.environ.get(TEARDOWN_LOG):
         patch_teardown_log(setattr, os.environ[TEARDOWN_LOG])
+    if os.environ.get(SLOW_TEARDOWN):
+        patch_slow_teardown(setattr, float(os.environ[SLOW_TEARDOWN]))
     if os.environ.get(SLOW_CHECKPOINT):
         patch_slow_checkpoint(setattr, float(os.environ[SLOW_CHECKPOINT]), os.environ.get(SLOW_ONLY, ""))

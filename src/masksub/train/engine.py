@@ -294,7 +294,12 @@ class Trainer(Setup):
             return self._run()
         except RuntimeError as e:
             if self.dist.enabled and _lost_peer(e):
-                raise TrainingStopped(self._lost_peer_message(e)) from None
+                # Said now, while this process still holds SIGTERM: the launcher stops the
+                # survivors once it sees a rank die, and the teardown that follows can outlast it.
+                stop = TrainingStopped(self._lost_peer_message(e))
+                print(f"masksub train: error: {stop}", file=sys.stderr, flush=True)
+                stop.reported = True
+                raise stop from None
             raise
         finally:
             for s, h in old.items():

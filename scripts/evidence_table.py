@@ -17,6 +17,12 @@ between the two ``cpu-evidence`` markers of that file (``--marker NAME``: the ``
 in the folders, one row per recipe and length, with what twice the length gained; a length is
 converged when its double gains less than ``CONVERGED`` points. Writes ``lengths.md`` into the
 first folder (README markers: ``cpu-evidence lengths``).
+
+With the table, ``diagnostics.md``: what each arm did to the training set, mean over the complete
+seeds at the last epoch: the training loss on unmasked images (Eq. 1, the paper's Figure 2b) and
+on 50%-masked ones (Eq. 2, Figure 2c), the test loss, and the ratio of the sub-branch's gradient
+norm to the main branch's (Figure 2d) at the first and the last epoch (README markers:
+``cpu-evidence diagnostics``, replaced when the README has them).
 """
 
 from __future__ import annotations
@@ -122,6 +128,52 @@ def merge_seed_folders(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for k in ("seeds", "base", "mine", "deltas"):
             m[k] = [m[k][i] for i in order]
     return list(out.values())
+
+
+def diagnostic_rows(folder: Path) -> list[dict[str, Any]]:
+    """One dict per setting of one comparison folder: Figure 2's end-of-run quantities, mean over
+    the complete seeds (``None`` where a run did not measure them)."""
+    plan = json.loads((folder / "compare.json").read_text())
+    out = []
+    for setting in plan["settings"]:
+        per_seed: dict[str, list[float]] = {"unmasked": [], "masked": [], "val": [], "ratio_first": [], "ratio_last": []}
+        seeds = []
+        for seed in plan["seeds"]:
+            d = folder / f"{setting}-seed{seed}"
+            try:
+                summary = json.loads((d / "summary.json").read_text())
+                lines = [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+                epochs = int(yaml_value(d / "config.yaml", "epochs"))
+            except (OSError, ValueError):
+                continue
+            if summary.get("stopped") or summary.get("epochs_done") != epochs:
+                continue
+            ep = [e for e in lines if e.get("kind") == "epoch"]
+            seeds.append(seed)
+            for key, name in (("train_loss_unmasked", "unmasked"), ("train_loss_masked", "masked"), ("val_loss", "val")):
+                vals = [e[key] for e in ep if e.get(key) is not None]
+                if vals:
+                    per_seed[name].append(vals[-1])
+            ratios = [e["grad_norm_sub"] / e["grad_norm_main"] for e in ep
+                      if e.get("grad_norm_sub") is not None and e.get("grad_norm_main")]
+            if ratios:
+                per_seed["ratio_first"].append(ratios[0])
+                per_seed["ratio_last"].append(ratios[-1])
+        if seeds:
+            out.append({"family": re.sub(r"-seed\d+$", "", folder.name), "recipe": plan["recipe"],
+                        "setting": setting, "seeds": seeds,
+                        **{k: statistics.mean(v) if v else None for k, v in per_seed.items()}})
+    return out
+
+
+def diagnostics_markdown(rows: list[dict[str, Any]]) -> str:
+    head = ("| family | setting | seeds | training loss, unmasked (Eq. 1) | training loss, 50% masked (Eq. 2) | "
+            "test loss | gradient norm sub / main, first epoch | ... last epoch |\n|---|---|---|---|---|---|---|---|\n")
+    f = lambda v, fmt: "—" if v is None else format(v, fmt)  # noqa: E731
+    return head + "".join(
+        f"| {r['family']} | {NAMES.get(r['setting'], 'standard' if r['setting'] == 'baseline' else r['setting'])} | "
+        f"{len(r['seeds'])} | {f(r['unmasked'], '.3f')} | {f(r['masked'], '.3f')} | {f(r['val'], '.3f')} | "
+        f"{f(r['ratio_first'], '.2f')} | {f(r['ratio_last'], '.2f')} |\n" for r in rows)
 
 
 def _ms(vals: list[float]) -> str:
@@ -262,10 +314,15 @@ def main(argv: list[str]) -> int:
     md = to_markdown(rows, json.loads(cost_file.read_text()) if cost_file.is_file() else None)
     (root / "table.md").write_text(md)
     plot(rows, root / "gain.png")
+    diag = diagnostics_markdown([r for f in folders if (f / "compare.json").is_file() for r in diagnostic_rows(f)])
+    (root / "diagnostics.md").write_text(diag)
     if readme is not None:
         replace_between(readme, marker or "cpu-evidence", md)
+        if markers("cpu-evidence diagnostics")[0] in readme.read_text():
+            replace_between(readme, "cpu-evidence diagnostics", diag)
     print(md, end="")
-    print(f"wrote {root / 'table.md'} and {root / 'gain.png'}")
+    print(diag, end="")
+    print(f"wrote {root / 'table.md'}, {root / 'diagnostics.md'} and {root / 'gain.png'}")
     return 0
 
 

@@ -198,3 +198,38 @@ def test_lengths_table_marks_the_shortest_length_whose_double_adds_little(tmp_pa
     text = readme.read_text()
     assert "old" not in text and "**yes: chosen**" in text and text.endswith("outro\n")
     assert mod.main(["--lengths", str(tmp_path / "nothing")]) == 2
+
+
+def test_diagnostics_are_the_last_epoch_means_of_complete_runs(tmp_path: Path) -> None:
+    """Figure 2's end-of-run quantities per setting: means over the seeds that finished, the
+    gradient ratio from the first and last epochs that measured it; a run cut short is left out."""
+    d = tmp_path / "res" / "resnet"
+    d.mkdir(parents=True)
+    (d / "compare.json").write_text(json.dumps({"recipe": "fmnist-cpu-resnet", "settings": ["baseline", "masksub"],
+                                                "seeds": [0, 1]}))
+
+    def run(name: str, done: int, unmasked: float, sub: float | None) -> None:
+        r = d / name
+        r.mkdir()
+        (r / "config.yaml").write_text("epochs: 3\n")
+        (r / "summary.json").write_text(json.dumps({"top1": 80.0, "epochs_done": done, "stopped": None}))
+        lines = [{"kind": "step", "step": 1, "loss_main": 9.0}]
+        for e in range(done):
+            lines.append({"kind": "epoch", "epoch": e + 1, "train_loss_unmasked": unmasked + (2 - e), "train_loss_masked":
+                          2 * unmasked, "val_loss": 0.5, "grad_norm_main": 2.0,
+                          "grad_norm_sub": None if sub is None else sub * (e + 1)})
+        (r / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+    run("baseline-seed0", 3, 0.1, None)
+    run("baseline-seed1", 3, 0.3, None)
+    run("masksub-seed0", 3, 0.4, 0.2)
+    run("masksub-seed1", 2, 5.0, 9.0)  # cut short
+    mod = _script("evidence_table")
+    rows = {r["setting"]: r for r in mod.diagnostic_rows(d)}
+    assert rows["baseline"]["seeds"] == [0, 1] and rows["baseline"]["unmasked"] == pytest.approx(0.2)
+    assert rows["baseline"]["ratio_first"] is None and rows["baseline"]["masked"] == pytest.approx(0.4)
+    assert rows["masksub"]["seeds"] == [0] and rows["masksub"]["unmasked"] == pytest.approx(0.4)
+    assert rows["masksub"]["ratio_first"] == pytest.approx(0.1) and rows["masksub"]["ratio_last"] == pytest.approx(0.3)
+    md = mod.diagnostics_markdown(list(rows.values())).splitlines()
+    assert md[2] == "| resnet | standard | 2 | 0.200 | 0.400 | 0.500 | — | — |"
+    assert md[3] == "| resnet | MaskSub | 1 | 0.400 | 0.800 | 0.500 | 0.10 | 0.30 |"

@@ -53,6 +53,18 @@ def _strength(run: dict[str, Any]) -> str:
     return {"masksub": f" {r:g}", "dropsub": f" p {r:g}", "pathsub": f" +{r:g}"}.get(run["setting"], f" {r:g}")
 
 
+def _read_run(d: Path) -> tuple[dict[str, Any], list[dict[str, Any]], bool] | None:
+    """(summary, epoch lines, complete) of one run folder; None where it cannot be read."""
+    try:
+        summary = json.loads((d / "summary.json").read_text())
+        lines = [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        epochs = int(yaml_value(d / "config.yaml", "epochs"))
+    except (OSError, ValueError):
+        return None
+    complete = not summary.get("stopped") and summary.get("epochs_done") == epochs
+    return summary, [e for e in lines if e.get("kind") == "epoch"], complete
+
+
 def _read_partial(folder: Path) -> dict[str, Any]:
     """A comparison still running or cut short (no results.json yet): its finished runs, read
     from each run folder's summary.json and metrics.jsonl."""
@@ -60,15 +72,10 @@ def _read_partial(folder: Path) -> dict[str, Any]:
     rows, runs = [], []
     for setting in plan["settings"]:
         for seed in plan["seeds"]:
-            d = folder / f"{setting}-seed{seed}"
-            try:
-                summary = json.loads((d / "summary.json").read_text())
-                lines = [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-                epochs = int(yaml_value(d / "config.yaml", "epochs"))
-            except (OSError, ValueError):
+            got = _read_run(folder / f"{setting}-seed{seed}")
+            if got is None:
                 continue
-            ep = [e for e in lines if e.get("kind") == "epoch"]
-            complete = not summary.get("stopped") and summary.get("epochs_done") == epochs
+            summary, ep, complete = got
             rows.append({"setting": setting, "seed": seed, "epochs": len(ep), "final_top1": summary.get("top1"),
                          "time_s": sum(e.get("time_s") or 0.0 for e in ep), "complete": "yes" if complete else "no"})
             runs.append({"setting": setting, "seed": seed, "summary": summary})
@@ -139,16 +146,10 @@ def diagnostic_rows(folder: Path) -> list[dict[str, Any]]:
         per_seed: dict[str, list[float]] = {"unmasked": [], "masked": [], "val": [], "ratio_first": [], "ratio_last": []}
         seeds = []
         for seed in plan["seeds"]:
-            d = folder / f"{setting}-seed{seed}"
-            try:
-                summary = json.loads((d / "summary.json").read_text())
-                lines = [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-                epochs = int(yaml_value(d / "config.yaml", "epochs"))
-            except (OSError, ValueError):
+            got = _read_run(folder / f"{setting}-seed{seed}")
+            if got is None or not got[2]:
                 continue
-            if summary.get("stopped") or summary.get("epochs_done") != epochs:
-                continue
-            ep = [e for e in lines if e.get("kind") == "epoch"]
+            ep = got[1]
             seeds.append(seed)
             for key, name in (("train_loss_unmasked", "unmasked"), ("train_loss_masked", "masked"), ("val_loss", "val")):
                 vals = [e[key] for e in ep if e.get(key) is not None]
@@ -223,17 +224,15 @@ def length_rows(roots: list[Path]) -> list[dict[str, Any]]:
     seen: dict[tuple[str, int], dict[str, Any]] = {}
     for root in roots:
         for plan_file in sorted(root.glob("*/compare.json")):
-            run = plan_file.parent / "baseline-seed0"
             try:
                 recipe = json.loads(plan_file.read_text())["recipe"]
-                summary = json.loads((run / "summary.json").read_text())
-                epochs = int(yaml_value(run / "config.yaml", "epochs"))
-                lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
             except (OSError, ValueError, KeyError):
                 continue
-            ep = [e for e in lines if e.get("kind") == "epoch"]
-            if summary.get("stopped") or summary.get("epochs_done") != epochs or summary.get("top1") is None or not ep:
+            got = _read_run(plan_file.parent / "baseline-seed0")
+            if got is None or not got[2] or got[0].get("top1") is None or not got[1]:
                 continue
+            summary, ep, _ = got
+            epochs = summary["epochs_done"]
             seen.setdefault((recipe, epochs), {
                 "recipe": recipe, "epochs": epochs, "steps": summary.get("steps"), "top1": summary["top1"],
                 "train_loss": ep[-1].get("loss_main"), "val_loss": ep[-1].get("val_loss"),

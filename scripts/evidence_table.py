@@ -139,11 +139,13 @@ def merge_seed_folders(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def diagnostic_rows(folder: Path) -> list[dict[str, Any]]:
     """One dict per setting of one comparison folder: Figure 2's end-of-run quantities, mean over
-    the complete seeds (``None`` where a run did not measure them)."""
+    the complete seeds (``None`` where a run did not measure them). Folders of one seed each
+    (``NAME-seedN``) join ``NAME``'s row, as in the table: ``diagnostic_rows`` of each, then
+    ``merge_diagnostics``."""
     plan = json.loads((folder / "compare.json").read_text())
     out = []
     for setting in plan["settings"]:
-        per_seed: dict[str, list[float]] = {"unmasked": [], "masked": [], "val": [], "ratio_first": [], "ratio_last": []}
+        per_seed: dict[str, list[float]] = {k: [] for k in DIAG_KEYS}
         seeds = []
         for seed in plan["seeds"]:
             got = _read_run(folder / f"{setting}-seed{seed}")
@@ -162,9 +164,24 @@ def diagnostic_rows(folder: Path) -> list[dict[str, Any]]:
                 per_seed["ratio_last"].append(ratios[-1])
         if seeds:
             out.append({"family": re.sub(r"-seed\d+$", "", folder.name), "recipe": plan["recipe"],
-                        "setting": setting, "seeds": seeds,
+                        "setting": setting, "seeds": seeds, "per_seed": per_seed,
                         **{k: statistics.mean(v) if v else None for k, v in per_seed.items()}})
     return out
+
+
+DIAG_KEYS = ("unmasked", "masked", "val", "ratio_first", "ratio_last")
+
+
+def merge_diagnostics(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (family, setting): the seeds of one-seed folders pooled before the mean."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in rows:
+        m = out.setdefault((r["family"], r["setting"]), {**r, "seeds": [], "per_seed": {k: [] for k in DIAG_KEYS}})
+        m["seeds"] = m["seeds"] + r["seeds"]
+        for k in DIAG_KEYS:
+            m["per_seed"][k] = m["per_seed"][k] + r["per_seed"][k]
+            m[k] = statistics.mean(m["per_seed"][k]) if m["per_seed"][k] else None
+    return list(out.values())
 
 
 def diagnostics_markdown(rows: list[dict[str, Any]]) -> str:
@@ -313,7 +330,8 @@ def main(argv: list[str]) -> int:
     md = to_markdown(rows, json.loads(cost_file.read_text()) if cost_file.is_file() else None)
     (root / "table.md").write_text(md)
     plot(rows, root / "gain.png")
-    diag = diagnostics_markdown([r for f in folders if (f / "compare.json").is_file() for r in diagnostic_rows(f)])
+    diag = diagnostics_markdown(merge_diagnostics(
+        [r for f in folders if (f / "compare.json").is_file() for r in diagnostic_rows(f)]))
     (root / "diagnostics.md").write_text(diag)
     if readme is not None:
         replace_between(readme, marker or "cpu-evidence", md)

@@ -233,3 +233,21 @@ def test_diagnostics_are_the_last_epoch_means_of_complete_runs(tmp_path: Path) -
     md = mod.diagnostics_markdown(list(rows.values())).splitlines()
     assert md[2] == "| resnet | standard | 2 | 0.200 | 0.400 | 0.500 | — | — |"
     assert md[3] == "| resnet | MaskSub | 1 | 0.400 | 0.800 | 0.500 | 0.10 | 0.30 |"
+
+
+def test_diagnostics_of_one_seed_folders_join_one_row(tmp_path: Path) -> None:
+    res = tmp_path / "res"
+    for folder, seed, loss in (("long", 0, 0.5), ("long-seed1", 1, 0.7), ("long-seed2", 2, 1.2)):
+        d = res / folder
+        d.mkdir(parents=True)
+        (d / "compare.json").write_text(json.dumps({"recipe": "fmnist-cpu-resnet", "settings": ["baseline"],
+                                                    "seeds": [seed]}))
+        r = d / f"baseline-seed{seed}"
+        r.mkdir()
+        (r / "config.yaml").write_text("epochs: 1\n")
+        (r / "summary.json").write_text(json.dumps({"top1": 80.0, "epochs_done": 1, "stopped": None}))
+        (r / "metrics.jsonl").write_text(json.dumps({"kind": "epoch", "epoch": 1, "val_loss": loss}) + "\n")
+    mod = _script("evidence_table")
+    rows = mod.merge_diagnostics([r for f in sorted(res.iterdir()) for r in mod.diagnostic_rows(f)])
+    assert len(rows) == 1 and rows[0]["family"] == "long" and rows[0]["seeds"] == [0, 1, 2]
+    assert rows[0]["val"] == pytest.approx(0.8) and rows[0]["unmasked"] is None

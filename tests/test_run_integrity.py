@@ -231,11 +231,13 @@ def test_read_only_run_directory_on_resume_gives_advice_resume_can_follow(tmp_pa
 
 # -- torchrun: one process killed -----------------------------------------------------------------
 @pytest.mark.slow
-def test_torchrun_rank_killed_survivor_says_what_happened(tmp_path: Path) -> None:
+@pytest.mark.parametrize("teardown_s", ["0", "20"])
+def test_torchrun_rank_killed_survivor_says_what_happened(tmp_path: Path, teardown_s: str) -> None:
     # The launcher stops the survivor (SIGTERM) once it sees rank 1 die; a slow teardown puts
-    # that stop after the failure and before the process would end: the message must be out.
+    # that stop after the failure and before the process would end: the message must be out,
+    # and a quick teardown must not say it a second time.
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1",
-               **{KILL_RANK_AT: "1:3", SLOW_TEARDOWN: "20"})
+               **{KILL_RANK_AT: "1:3", SLOW_TEARDOWN: teardown_s})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", LAUNCHER,
            "train", *TINY, "--set", "synthetic_size=40", "--set", "checkpoint_every=2",
            "--output", str(tmp_path), "--run-name", "k"]

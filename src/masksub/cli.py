@@ -52,9 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(importlib.import_module(args._module).main(args) or 0)
     except MaskSubError as e:
-        if not getattr(e, "reported", False):  # already said where it happened (a lost process)
-            one_line = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
-            print(f"masksub {args.command}: error: {one_line}", file=sys.stderr)
+        one_line = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"masksub {args.command}: error: {one_line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"masksub {args.command}: interrupted", file=sys.stderr)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from ..errors import MaskSubError
@@ -117,7 +116,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         summary = train(cfg, resume=args.resume, overwrite=getattr(args, "overwrite", False))
     except TrainingStopped as e:
-        print(f"masksub train: stopped: {e}", file=sys.stderr)
+        e.report()
         return 3
     if summary.get("stopped") == "signal":
         return 128 + int(summary.get("signal") or 15)  # the shell's convention: 143 TERM, 130 INT

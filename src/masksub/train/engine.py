@@ -297,8 +297,7 @@ class Trainer(Setup):
                 # Said now, while this process still holds SIGTERM: the launcher stops the
                 # survivors once it sees a rank die, and the teardown that follows can outlast it.
                 stop = TrainingStopped(self._lost_peer_message(e))
-                print(f"masksub train: error: {stop}", file=sys.stderr, flush=True)
-                stop.reported = True
+                stop.report()
                 raise stop from None
             raise
         finally:

@@ -7,6 +7,7 @@ A kill at any moment leaves ``last.pt`` naming a best epoch whose ``best.pt`` is
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,15 @@ from . import distributed as D
 class TrainingStopped(MaskSubError):
     """The run stopped on purpose (non-finite values, a lost process); the message says which
     checkpoint is intact."""
+
+    reported = False
+
+    def report(self) -> None:
+        """Say it once, flushed: where it is raised when the launcher may stop the process before
+        the CLI would, and again by the CLI without repeating it."""
+        if not self.reported:
+            print(f"masksub train: stopped: {self}", file=sys.stderr, flush=True)
+            self.reported = True
 
 
 class Saver:

@@ -32,7 +32,7 @@ import re
 import statistics
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 CONVERGED = 0.5  # points of test top-1 that twice the length may add to a converged standard run
 
@@ -42,7 +42,7 @@ def markers(name: str = "cpu-evidence") -> tuple[str, str]:
 
 
 START, END = markers()
-NAMES = {"masksub": "MaskSub", "dropsub": "DropSub", "pathsub": "PathSub", "masking": "masking only",
+NAMES = {"baseline": "standard", "masksub": "MaskSub", "dropsub": "DropSub", "pathsub": "PathSub", "masking": "masking only",
          "samebudget": "standard, same cost"}
 
 
@@ -53,8 +53,14 @@ def _strength(run: dict[str, Any]) -> str:
     return {"masksub": f" {r:g}", "dropsub": f" p {r:g}", "pathsub": f" +{r:g}"}.get(run["setting"], f" {r:g}")
 
 
-def _read_run(d: Path) -> tuple[dict[str, Any], list[dict[str, Any]], bool] | None:
-    """(summary, epoch lines, complete) of one run folder; None where it cannot be read."""
+class Run(NamedTuple):
+    summary: dict[str, Any]
+    epochs: list[dict[str, Any]]  # the metrics.jsonl epoch lines
+    complete: bool
+
+
+def _read_run(d: Path) -> Run | None:
+    """One run folder; None where it cannot be read."""
     try:
         summary = json.loads((d / "summary.json").read_text())
         lines = [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines() if ln.strip()]
@@ -62,7 +68,7 @@ def _read_run(d: Path) -> tuple[dict[str, Any], list[dict[str, Any]], bool] | No
     except (OSError, ValueError):
         return None
     complete = not summary.get("stopped") and summary.get("epochs_done") == epochs
-    return summary, [e for e in lines if e.get("kind") == "epoch"], complete
+    return Run(summary, [e for e in lines if e.get("kind") == "epoch"], complete)
 
 
 def _read_partial(folder: Path) -> dict[str, Any]:
@@ -72,10 +78,10 @@ def _read_partial(folder: Path) -> dict[str, Any]:
     rows, runs = [], []
     for setting in plan["settings"]:
         for seed in plan["seeds"]:
-            got = _read_run(folder / f"{setting}-seed{seed}")
-            if got is None:
+            run = _read_run(folder / f"{setting}-seed{seed}")
+            if run is None:
                 continue
-            summary, ep, complete = got
+            summary, ep, complete = run
             rows.append({"setting": setting, "seed": seed, "epochs": len(ep), "final_top1": summary.get("top1"),
                          "time_s": sum(e.get("time_s") or 0.0 for e in ep), "complete": "yes" if complete else "no"})
             runs.append({"setting": setting, "seed": seed, "summary": summary})
@@ -137,6 +143,9 @@ def merge_seed_folders(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(out.values())
 
 
+DIAG_KEYS = ("unmasked", "masked", "val", "ratio_first", "ratio_last")
+
+
 def diagnostic_rows(folder: Path) -> list[dict[str, Any]]:
     """One dict per setting of one comparison folder: Figure 2's end-of-run quantities, mean over
     the complete seeds (``None`` where a run did not measure them). Folders of one seed each
@@ -148,10 +157,10 @@ def diagnostic_rows(folder: Path) -> list[dict[str, Any]]:
         per_seed: dict[str, list[float]] = {k: [] for k in DIAG_KEYS}
         seeds = []
         for seed in plan["seeds"]:
-            got = _read_run(folder / f"{setting}-seed{seed}")
-            if got is None or not got[2]:
+            run = _read_run(folder / f"{setting}-seed{seed}")
+            if run is None or not run.complete:
                 continue
-            ep = got[1]
+            ep = run.epochs
             seeds.append(seed)
             for key, name in (("train_loss_unmasked", "unmasked"), ("train_loss_masked", "masked"), ("val_loss", "val")):
                 vals = [e[key] for e in ep if e.get(key) is not None]
@@ -164,12 +173,12 @@ def diagnostic_rows(folder: Path) -> list[dict[str, Any]]:
                 per_seed["ratio_last"].append(ratios[-1])
         if seeds:
             out.append({"family": re.sub(r"-seed\d+$", "", folder.name), "recipe": plan["recipe"],
-                        "setting": setting, "seeds": seeds, "per_seed": per_seed,
-                        **{k: statistics.mean(v) if v else None for k, v in per_seed.items()}})
+                        "setting": setting, "seeds": seeds, "per_seed": per_seed, **_means(per_seed)})
     return out
 
 
-DIAG_KEYS = ("unmasked", "masked", "val", "ratio_first", "ratio_last")
+def _means(per_seed: dict[str, list[float]]) -> dict[str, float | None]:
+    return {k: statistics.mean(v) if v else None for k, v in per_seed.items()}
 
 
 def merge_diagnostics(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -178,9 +187,8 @@ def merge_diagnostics(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in rows:
         m = out.setdefault((r["family"], r["setting"]), {**r, "seeds": [], "per_seed": {k: [] for k in DIAG_KEYS}})
         m["seeds"] = m["seeds"] + r["seeds"]
-        for k in DIAG_KEYS:
-            m["per_seed"][k] = m["per_seed"][k] + r["per_seed"][k]
-            m[k] = statistics.mean(m["per_seed"][k]) if m["per_seed"][k] else None
+        m["per_seed"] = {k: m["per_seed"][k] + r["per_seed"][k] for k in DIAG_KEYS}
+        m.update(_means(m["per_seed"]))
     return list(out.values())
 
 
@@ -189,7 +197,7 @@ def diagnostics_markdown(rows: list[dict[str, Any]]) -> str:
             "test loss | gradient norm sub / main, first epoch | ... last epoch |\n|---|---|---|---|---|---|---|---|\n")
     f = lambda v, fmt: "—" if v is None else format(v, fmt)  # noqa: E731
     return head + "".join(
-        f"| {r['family']} | {NAMES.get(r['setting'], 'standard' if r['setting'] == 'baseline' else r['setting'])} | "
+        f"| {r['family']} | {NAMES.get(r['setting'], r['setting'])} | "
         f"{len(r['seeds'])} | {f(r['unmasked'], '.3f')} | {f(r['masked'], '.3f')} | {f(r['val'], '.3f')} | "
         f"{f(r['ratio_first'], '.2f')} | {f(r['ratio_last'], '.2f')} |\n" for r in rows)
 
@@ -245,10 +253,10 @@ def length_rows(roots: list[Path]) -> list[dict[str, Any]]:
                 recipe = json.loads(plan_file.read_text())["recipe"]
             except (OSError, ValueError, KeyError):
                 continue
-            got = _read_run(plan_file.parent / "baseline-seed0")
-            if got is None or not got[2] or got[0].get("top1") is None or not got[1]:
+            run = _read_run(plan_file.parent / "baseline-seed0")
+            if run is None or not run.complete or run.summary.get("top1") is None or not run.epochs:
                 continue
-            summary, ep, _ = got
+            summary, ep = run.summary, run.epochs
             epochs = summary["epochs_done"]
             seen.setdefault((recipe, epochs), {
                 "recipe": recipe, "epochs": epochs, "steps": summary.get("steps"), "top1": summary["top1"],

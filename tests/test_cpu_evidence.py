@@ -233,6 +233,12 @@ def test_diagnostics_are_the_last_epoch_means_of_complete_runs(tmp_path: Path) -
     md = mod.diagnostics_markdown(list(rows.values())).splitlines()
     assert md[2] == "| resnet | standard | 2 | 0.200 | 0.400 | 0.500 | — | — |"
     assert md[3] == "| resnet | MaskSub | 1 | 0.400 | 0.800 | 0.500 | 0.10 | 0.30 |"
+    readme = tmp_path / "README.md"
+    (start, end), (dstart, dend) = mod.markers(), mod.markers("cpu-evidence diagnostics")
+    readme.write_text(f"{start}\n{end}\nbetween\n{dstart}\nold\n{dend}\n")
+    assert mod.main([str(tmp_path / "res"), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old" not in text and md[3] in text and md[3] in (tmp_path / "res" / "diagnostics.md").read_text()
 
 
 def test_diagnostics_of_one_seed_folders_join_one_row(tmp_path: Path) -> None:
